@@ -1,0 +1,7 @@
+"""jaxclip: CLIP-style contrastive language-image pretraining in JAX."""
+
+from jaxclip.data.tokenizer import tokenize
+from jaxclip.models import CLIP, get_model_config, list_models
+
+__version__ = "0.1.0"
+__all__ = ["CLIP", "get_model_config", "list_models", "tokenize"]

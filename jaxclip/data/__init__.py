@@ -1,0 +1,1 @@
+"""Input data: tokenizer and pipelines."""

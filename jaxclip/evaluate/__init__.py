@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification (retrieval and linear probes come later)."""

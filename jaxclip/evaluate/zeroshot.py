@@ -1,0 +1,56 @@
+"""Zero-shot classification: class embeddings from prompt templates, then top-k."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxclip.data.tokenizer import tokenize
+
+
+def zero_shot_classifier(
+    encode_texts: Callable[[np.ndarray], jax.Array],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    context_length: int,
+) -> jax.Array:
+    """[num_classes, embed_dim]: per class, the renormalised mean of the normalised
+    text embeddings of every template filled with the class name (CLIP's ensemble)."""
+    prompts = [template.format(name) for name in classnames for template in templates]
+    text_emb = jnp.asarray(encode_texts(tokenize(prompts, context_length)), jnp.float32)
+    text_emb = text_emb.reshape(len(classnames), len(templates), -1)
+    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    class_emb = text_emb.mean(axis=1)
+    return class_emb / jnp.linalg.norm(class_emb, axis=-1, keepdims=True)
+
+
+def topk_accuracy(
+    logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Fraction of rows whose label is among the k highest logits, for each k."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    # Stable descending order, so ties rank the lower class index first.
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    hits = order == labels[:, None]
+    return {
+        f"top{k}": float(hits[:, : min(k, logits.shape[1])].any(axis=1).mean())
+        for k in ks
+    }
+
+
+def evaluate_zero_shot(
+    encode_images: Callable[[np.ndarray], jax.Array],
+    classifier: jax.Array,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy of the zero-shot classifier on labelled uint8 images."""
+    logits = [
+        np.asarray(encode_images(images[start : start + batch_size]) @ classifier.T)
+        for start in range(0, len(images), batch_size)
+    ]
+    return topk_accuracy(np.concatenate(logits), labels)

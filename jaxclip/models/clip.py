@@ -1,0 +1,113 @@
+"""The CLIP model: an image tower and a text tower meeting in one embedding space."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxclip.models.layers import Dtype
+from jaxclip.models.registry import ModelConfig
+from jaxclip.models.resnet import ModifiedResNet
+from jaxclip.models.text import TextTransformer
+from jaxclip.models.vit import VisionTransformer
+
+# CLIP initialises the temperature at 0.07; SigLIP at scale 10 with bias -10.
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Unit-norm rows, computed in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class CLIP(nn.Module):
+    """Two towers plus a learnable log temperature (and, for SigLIP, a bias).
+
+    `logit_bias=True` gives the SigLIP variant: scale initialised to log 10, bias -10.
+    """
+
+    config: ModelConfig
+    logit_bias: bool = False
+    dtype: Dtype = jnp.float32
+    scan: bool = True
+    remat: str = "none"
+
+    def setup(self) -> None:
+        cfg = self.config
+        vision, text = cfg.vision, cfg.text
+        if vision.is_resnet:
+            self.visual = ModifiedResNet(
+                layers=tuple(vision.layers),
+                output_dim=cfg.embed_dim,
+                heads=vision.heads,
+                image_size=vision.image_size,
+                width=vision.width,
+                dtype=self.dtype,
+            )
+        else:
+            self.visual = VisionTransformer(
+                image_size=vision.image_size,
+                patch_size=vision.patch_size,
+                width=vision.width,
+                num_layers=vision.layers,
+                num_heads=vision.heads,
+                output_dim=cfg.embed_dim,
+                act=cfg.act,
+                mlp_ratio=vision.mlp_ratio,
+                dtype=self.dtype,
+                scan=self.scan,
+                remat=self.remat,
+            )
+        self.text = TextTransformer(
+            vocab_size=text.vocab_size,
+            context_length=text.context_length,
+            width=text.width,
+            num_layers=text.layers,
+            num_heads=text.heads,
+            output_dim=cfg.embed_dim,
+            act=cfg.act,
+            mlp_ratio=text.mlp_ratio,
+            dtype=self.dtype,
+            scan=self.scan,
+            remat=self.remat,
+        )
+        init_scale = SIGLIP_INIT_LOGIT_SCALE if self.logit_bias else CLIP_INIT_LOGIT_SCALE
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(init_scale), ()
+        )
+        if self.logit_bias:
+            self.bias = self.param(
+                "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
+            )
+
+    def encode_image(
+        self, images: jax.Array, train: bool = False, normalize: bool = True
+    ) -> jax.Array:
+        """Normalised float images [batch, H, W, 3] -> embeddings [batch, embed_dim]."""
+        features = self.visual(images, train=train)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
+        """Token ids [batch, context_length] -> embeddings [batch, embed_dim]."""
+        features = self.text(tokens)
+        return l2_normalize(features) if normalize else features
+
+    def __call__(
+        self, images: jax.Array, tokens: jax.Array, train: bool = False
+    ) -> dict[str, jax.Array]:
+        """Both towers: unit-norm embeddings plus the (log) scale and bias."""
+        out = {
+            "image_emb": self.encode_image(images, train=train),
+            "text_emb": self.encode_text(tokens),
+            "logit_scale": self.logit_scale,
+        }
+        if self.logit_bias:
+            out["logit_bias"] = self.bias
+        return out

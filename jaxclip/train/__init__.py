@@ -1,0 +1,1 @@
+"""Training: state and optimizer, the step, checkpoints, the loop and its metrics."""

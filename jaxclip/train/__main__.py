@@ -1,0 +1,47 @@
+"""Command line: `python -m jaxclip.train --config=configs/demo.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.train.batch_size=4096`; a config
+argument follows a colon, e.g. `--config=configs/vit_b16.py:res=224`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "configs",
+    "demo.py",
+)
+
+config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Path to a config file with get_config(arg).",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxclip.train.loop import train_and_evaluate
+    from jaxclip.train.validation import ConfigError
+
+    if not flags.FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    try:
+        results = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, value in sorted(results.items()):
+        if name.startswith("zeroshot/"):
+            print(f"{name}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

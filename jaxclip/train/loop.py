@@ -1,0 +1,158 @@
+"""The trainer, top to bottom: config check, mesh, model and optimizer, input pipeline,
+state (restored or fresh), train loop with logging and checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxclip import sharding
+from jaxclip.data import shapes
+from jaxclip.data.pipeline import make_train_iterator
+from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
+from jaxclip.models.clip import CLIP
+from jaxclip.models.registry import get_model_config
+from jaxclip.train.checkpoint import Checkpointer
+from jaxclip.train.metrics import MetricWriter
+from jaxclip.train.state import (
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from jaxclip.train.step import make_encode_fns, make_train_step
+from jaxclip.train.validation import validate_config
+
+
+def build_model(config: ml_collections.ConfigDict) -> CLIP:
+    """The CLIP model named by `model.name`, with the config's dtype, scan and remat."""
+    return CLIP(
+        get_model_config(config.model.name),
+        logit_bias=config.loss.name == "siglip",
+        dtype=jnp.dtype(config.model.dtype),
+        scan=config.model.scan,
+        remat=config.model.remat,
+    )
+
+
+def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global batch."""
+    model_config = get_model_config(config.model.name)
+    size = model_config.vision.image_size
+    batch = config.train.batch_size
+    return {
+        "images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+        "tokens": jax.ShapeDtypeStruct(
+            (batch, model_config.text.context_length), jnp.int32
+        ),
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (resuming from the workdir's latest checkpoint if any), then evaluate.
+
+    Returns the last logged metrics plus the evaluation results.
+    """
+    # --- Config: refuse bad values before anything compiles.
+    validate_config(config, workdir)
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+    # --- Mesh.
+    mesh = sharding.make_mesh(config.mesh.shape)
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices")
+
+    # --- Model and optimizer.
+    model = build_model(config)
+    model_config = model.config
+    tx = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+    batch_spec = example_batch(config)
+
+    # --- Input pipeline.
+    train_iter = make_train_iterator(
+        config, model_config.vision.image_size, model_config.text.context_length
+    )
+
+    # --- State: restored from the latest checkpoint, or freshly initialised.
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    if checkpointer.latest_step() is not None:
+        abstract, state_shardings = abstract_train_state(model, tx, mesh, batch_spec)
+        state, data_state = checkpointer.restore(abstract)
+        train_iter.set_state(data_state)
+        log(f"resumed from step {int(state.step)} in {checkpointer.directory}")
+    else:
+        rng = jax.random.key(config.seed)
+        state, state_shardings = create_train_state(model, tx, mesh, rng, batch_spec)
+    log(f"model {config.model.name}: {count_params(state.params):,} parameters")
+
+    train_step = make_train_step(config, model, tx, schedule, mesh, state_shardings)
+    config_json = json.loads(config.to_json_best_effort())
+    writer = MetricWriter(workdir, config.train.steps)
+
+    # --- Train loop.
+    start_step = int(state.step)
+    metrics: dict[str, Any] = {}
+    compile_start = time.perf_counter()
+    for step in range(start_step + 1, config.train.steps + 1):
+        batch = sharding.shard_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+        if step == start_step + 1:
+            jax.block_until_ready(step_metrics)
+            log(f"first step (compile + run) took {time.perf_counter() - compile_start:.1f}s")
+            writer.reset_timer()
+        if step % config.log.every_steps == 0 or step == config.train.steps:
+            metrics = jax.device_get(step_metrics)
+            writer.write(step, metrics, batch_size=config.train.batch_size)
+        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+            checkpointer.save(step, state, train_iter.get_state(), config_json)
+    final_step = int(state.step)
+    if checkpointer.latest_step() != final_step:
+        checkpointer.save(final_step, state, train_iter.get_state(), config_json, force=True)
+    checkpointer.wait()
+
+    # --- Evaluation.
+    results = evaluate(config, model, state, mesh)
+    if results:
+        writer.write(final_step, results)
+    writer.close()
+    checkpointer.close()
+    return {**{k: float(np.asarray(v)) for k, v in metrics.items()}, **results}
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, model: CLIP, state: Any, mesh: jax.sharding.Mesh
+) -> dict[str, float]:
+    """Zero-shot classification on held-out data (`eval.zeroshot`), if configured."""
+    if not config.eval.zeroshot:
+        return {}
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    encode_images, encode_texts = make_encode_fns(config, model, mesh)
+    size = model.config.vision.image_size
+    held_out = shapes.eval_set(config.seed, config.eval.num_examples, size)
+    classifier = zero_shot_classifier(
+        lambda tokens: encode_texts(variables, tokens),
+        shapes.class_names(),
+        shapes.ZEROSHOT_TEMPLATES,
+        model.config.text.context_length,
+    )
+    accuracy = evaluate_zero_shot(
+        lambda images: encode_images(variables, images),
+        classifier,
+        held_out["images"],
+        held_out["label"],
+    )
+    return {f"zeroshot/{name}": value for name, value in accuracy.items()}

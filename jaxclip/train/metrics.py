@@ -1,0 +1,92 @@
+"""Metric writers: console progress lines, TensorBoard event files and metrics.jsonl.
+
+Only process 0 writes (multi-host runs would otherwise write every line N times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+    """Host scalars at full precision: float64 floats, ints stay ints."""
+    array = np.asarray(value)
+    if array.ndim == 0:
+        return array.item()
+    return array.tolist()
+
+
+class MetricWriter:
+    """Writes each logged step to the console, TensorBoard and `metrics.jsonl`."""
+
+    def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        self._last_time: float | None = None
+        self._last_step: int | None = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter  # imported late: only process 0
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, Any], batch_size: int = 0) -> None:
+        """Log one step. `batch_size` turns the time between calls into samples/s."""
+        if not self.enabled:
+            return
+        scalars = {name: _to_python(value) for name, value in metrics.items()}
+        now = time.perf_counter()
+        if self._last_time is not None and batch_size and step > self._last_step:
+            seconds_per_step = (now - self._last_time) / (step - self._last_step)
+            scalars["samples_per_sec"] = batch_size / seconds_per_step
+            scalars["eta_sec"] = seconds_per_step * max(self.total_steps - step, 0)
+        self._last_time, self._last_step = now, step
+        record = {"step": step, **scalars}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+        print(format_line(step, self.total_steps, scalars), flush=True, file=sys.stdout)
+
+    def reset_timer(self) -> None:
+        """Forget the last timestamp (after a pause such as evaluation or compiling)."""
+        self._last_time = None
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
+    """One human-readable progress line."""
+    parts = [f"step {step}/{total_steps}"]
+    for name in ("loss", "i2t_acc", "t2i_acc", "logit_scale", "lr"):
+        if name in scalars:
+            parts.append(f"{name} {scalars[name]:.4g}")
+    if "samples_per_sec" in scalars:
+        parts.append(f"{scalars['samples_per_sec']:.1f} samples/s")
+        parts.append(f"ETA {_format_seconds(scalars['eta_sec'])}")
+    extra = [k for k in scalars if k.startswith(("zeroshot/", "eval/"))]
+    parts += [f"{k} {scalars[k]:.4f}" for k in extra]
+    return " | ".join(parts)
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

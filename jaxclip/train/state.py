@@ -1,0 +1,140 @@
+"""Train state, optimizer, and creating both directly sharded on the mesh."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from jaxclip import sharding
+from jaxclip.models.clip import MAX_LOGIT_SCALE
+
+# Only weight matrices decay: not gains, biases, embeddings or the temperature.
+DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree that orbax saves whole."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    batch_stats: Any  # BatchNorm running statistics (empty for ViTs)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for the parameters that get weight decay."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {path: path[-1] in DECAYED_PARAM_NAMES for path in flat}
+    )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `optim.lr`, then cosine decay to `optim.end_lr` at the end."""
+    warmup = config.optim.warmup_steps
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(config.train.steps, warmup + 1),
+        end_value=config.optim.end_lr,
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine, a decay mask and global-norm clipping."""
+    optim = config.optim
+    chain = []
+    if optim.grad_clip_norm:
+        chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+    chain.append(
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
+    return optax.chain(*chain)
+
+
+def clip_logit_scale(params: dict) -> dict:
+    """Keep the learnable temperature in [0, ln 100], as CLIP does after each update."""
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    example_batch: dict[str, jax.ShapeDtypeStruct],
+) -> tuple[TrainState, Any]:
+    """Initialise params and optimizer state directly sharded; returns (state, shardings).
+
+    Shapes come from `jax.eval_shape` first, so nothing is allocated before the
+    shardings are known; then `jax.jit(init, out_shardings=...)` creates each array on
+    the devices that own it.
+    """
+    init_fn = _boxed_init_fn(model, tx, example_batch)
+    shardings = sharding.logical_to_shardings(jax.eval_shape(init_fn, rng), mesh)
+    state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def abstract_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    example_batch: dict[str, jax.ShapeDtypeStruct],
+) -> tuple[TrainState, Any]:
+    """Shapes, dtypes and shardings of the state, with nothing allocated (for restore)."""
+    init_fn = _boxed_init_fn(model, tx, example_batch)
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    shardings = sharding.logical_to_shardings(abstract, mesh)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(abstract),
+        shardings,
+    )
+    return abstract, shardings
+
+
+def _boxed_init_fn(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_batch: dict[str, jax.ShapeDtypeStruct],
+) -> Callable[[jax.Array], TrainState]:
+    """A function rng -> TrainState whose leaves still carry logical axis metadata."""
+
+    def init(rng: jax.Array) -> TrainState:
+        # Parameter shapes do not depend on the batch size: initialise on one example.
+        images = jnp.zeros((1, *example_batch["images"].shape[1:]), jnp.float32)
+        tokens = jnp.zeros((1, *example_batch["tokens"].shape[1:]), jnp.int32)
+        variables = model.init(rng, images, tokens, train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            batch_stats=variables.get("batch_stats", {}),
+        )
+
+    return init
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params)))
