@@ -16,7 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -63,7 +64,9 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
     return shape  # type: ignore[return-value]
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A mesh with axes ('data', 'fsdp', 'tensor') over all (or the given) devices."""
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(shape, len(devices))

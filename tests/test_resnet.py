@@ -4,6 +4,8 @@ NumPy float64 reference, and (when OpenCLIP is installed) parity with the PyTorc
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,23 @@ def _init_shapes(model: ModifiedResNet):
     return jax.eval_shape(model.init, jax.random.key(0), images)
 
 
+def _jitted(model: ModifiedResNet, train: bool):
+    """`model.apply` under jit; train mode returns (output, {"batch_stats": ...})."""
+    if train:
+        return jax.jit(
+            functools.partial(model.apply, train=True, mutable=["batch_stats"])
+        )
+    return jax.jit(model.apply)
+
+
 def _images(seed: int, batch: int, size: int = 64) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_variables() -> dict:
+    """TINY's initial variables, made once: initialisation dominates these tests' time."""
+    return jax.jit(ModifiedResNet(**TINY).init)(jax.random.key(0), _images(0, 1))
 
 
 # ---------------------------------------------------------------------------
@@ -62,8 +79,8 @@ def test_param_count(layers, width, output_dim, image_size, expected):
     assert _param_count(shapes["params"]) == expected
 
 
-def test_names_layout_and_init():
-    variables = ModifiedResNet(**TINY).init(jax.random.key(0), _images(0, 1))
+def test_names_layout_and_init(tiny_variables):
+    variables = tiny_variables
     params = nn.unbox(variables["params"])
     assert set(params) == {
         "conv1", "bn1", "conv2", "bn2", "conv3", "bn3",
@@ -97,23 +114,22 @@ def test_names_layout_and_init():
 # ---------------------------------------------------------------------------
 
 
-def test_forward_shape_and_finite():
+def test_forward_shape_and_finite(tiny_variables):
     model = ModifiedResNet(**TINY)
-    images = _images(1, 3)
-    variables = model.init(jax.random.key(0), images)
-    out = jax.jit(model.apply)(variables, images)
+    out = jax.jit(model.apply)(tiny_variables, _images(1, 3))
     assert out.shape == (3, 16)
     assert out.dtype == jnp.float32
     assert np.all(np.isfinite(out))
 
 
-def test_train_updates_batch_stats_and_eval_uses_them():
+def test_train_updates_batch_stats_and_eval_uses_them(tiny_variables):
     model = ModifiedResNet(**TINY)
+    train_apply, eval_apply = _jitted(model, True), _jitted(model, False)
     images = _images(2, 4)
-    variables = model.init(jax.random.key(0), images)
+    variables = tiny_variables
     params, stats = variables["params"], variables["batch_stats"]
 
-    out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    out, updates = train_apply(variables, images)
     new_stats = updates["batch_stats"]
     assert np.all(np.isfinite(out))
     assert jax.tree.structure(new_stats) == jax.tree.structure(stats)
@@ -140,35 +156,34 @@ def test_train_updates_batch_stats_and_eval_uses_them():
     # Eval normalises with the running statistics: examples are independent of the
     # batch, and changing the statistics changes the output.
     trained = {"params": params, "batch_stats": new_stats}
-    full = model.apply(trained, images)
-    alone = model.apply(trained, images[:1])
+    full = eval_apply(trained, images)
+    alone = eval_apply(trained, images[:1])
     np.testing.assert_allclose(alone[0], full[0], rtol=1e-5, atol=1e-6)
     shifted = jax.tree.map(lambda s: s + 0.5, new_stats)
-    moved = model.apply({"params": params, "batch_stats": shifted}, images)
+    moved = eval_apply({"params": params, "batch_stats": shifted}, images)
     assert not np.allclose(moved, full, atol=1e-3)
     # Train mode ignores the running statistics and depends on the batch.
-    train_full, _ = model.apply(trained, images, train=True, mutable=["batch_stats"])
-    train_moved, _ = model.apply(
-        {"params": params, "batch_stats": shifted}, images, train=True, mutable=True
-    )
+    train_full, _ = train_apply(trained, images)
+    train_moved, _ = train_apply({"params": params, "batch_stats": shifted}, images)
     np.testing.assert_allclose(train_moved, train_full, rtol=1e-6)
-    train_pair, _ = model.apply(trained, images[:2], train=True, mutable=True)
+    train_pair, _ = train_apply(trained, images[:2])
     assert not np.allclose(train_pair[0], train_full[0], atol=1e-4)
 
 
-def test_bfloat16_compute_keeps_float32_state():
+def test_bfloat16_compute_keeps_float32_state(tiny_variables):
     model32 = ModifiedResNet(**TINY)
     model16 = ModifiedResNet(**TINY, dtype=jnp.bfloat16)
     images = _images(3, 2)
-    variables = model32.init(jax.random.key(0), images)
-    # The same parameters work for both dtypes.
-    assert jax.tree.structure(model16.init(jax.random.key(0), images)) == (
-        jax.tree.structure(variables)
+    variables = tiny_variables
+    # The same float32 parameters serve both compute dtypes.
+    shapes16 = jax.eval_shape(model16.init, jax.random.key(0), images)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(shapes16)) == (
+        jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(variables))
     )
-    out16, updates = model16.apply(variables, images, train=True, mutable=True)
+    out16, updates = _jitted(model16, True)(variables, images)
     assert out16.dtype == jnp.bfloat16
     assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(updates))
-    out32, _ = model32.apply(variables, images, train=True, mutable=True)
+    out32, _ = _jitted(model32, True)(variables, images)
     scale = float(np.abs(out32).max())
     np.testing.assert_allclose(
         np.asarray(out16, np.float32), out32, atol=0.05 * scale, rtol=0
@@ -178,7 +193,7 @@ def test_bfloat16_compute_keeps_float32_state():
 def test_wrong_image_size_is_refused():
     model = ModifiedResNet(**TINY)
     with pytest.raises(ValueError, match="image_size=64"):
-        model.init(jax.random.key(0), _images(0, 1, size=96))
+        jax.eval_shape(model.init, jax.random.key(0), _images(0, 1, size=96))
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +283,7 @@ def check_parity(torch_resnet_cls, seed: int = 0) -> float:
     variables = torch_to_flax(reference.state_dict())
 
     model = ModifiedResNet(**TINY)
-    images = np.asarray(_images(6, 3), np.float32)
+    images = np.array(_images(6, 3), np.float32)  # writable, for torch.from_numpy
     expected = jax.eval_shape(model.init, jax.random.key(0), images)
     expected = jax.tree.map(lambda x: x.shape, nn.unbox(expected))
     assert jax.tree.map(np.shape, variables) == expected  # one-for-one

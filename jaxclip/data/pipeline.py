@@ -49,7 +49,7 @@ class ShapesIterator:
         )
         self.index = 0
 
-    def __iter__(self) -> "ShapesIterator":
+    def __iter__(self) -> ShapesIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -78,7 +78,9 @@ class CLIP(nn.Module):
             scan=self.scan,
             remat=self.remat,
         )
-        init_scale = SIGLIP_INIT_LOGIT_SCALE if self.logit_bias else CLIP_INIT_LOGIT_SCALE
+        init_scale = (
+            SIGLIP_INIT_LOGIT_SCALE if self.logit_bias else CLIP_INIT_LOGIT_SCALE
+        )
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(init_scale), ()
         )

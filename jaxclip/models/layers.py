@@ -7,7 +7,8 @@ rules in `jaxclip/sharding.py` map them onto the device mesh.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,7 +49,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """Look up an activation by config name."""
     table = {"gelu": gelu, "quick_gelu": quick_gelu, "relu": jax.nn.relu}
     if name not in table:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}")
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(table)}"
+        )
     return table[name]
 
 
@@ -85,7 +88,9 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by heads {self.num_heads}")
+            raise ValueError(
+                f"width {width} is not divisible by heads {self.num_heads}"
+            )
         head_dim = width // self.num_heads
         attn_std = self.attn_std or width**-0.5
         proj_std = self.proj_std or width**-0.5
@@ -110,7 +115,9 @@ class MultiHeadAttention(nn.Module):
         x = x.astype(self.dtype)
         qkv = jnp.einsum("bld,dthk->tblhk", x, in_proj_kernel.astype(self.dtype))
         qkv = qkv + in_proj_bias.astype(self.dtype)[:, None, None]
-        out = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+        out = jax.nn.dot_product_attention(
+            qkv[0], qkv[1], qkv[2], is_causal=self.causal
+        )
         out = constrain(out, ("batch", "length", "heads", "kv"))  # [b, l, heads, k]
         out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
         return out + out_proj_bias.astype(self.dtype)
@@ -213,7 +220,9 @@ class Transformer(nn.Module):
             )
         block = ResidualAttentionBlock
         if self.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            block = nn.remat(
+                block, policy=REMAT_POLICIES[self.remat], prevent_cse=False
+            )
         stack = nn.scan(
             block,
             variable_axes={"params": 0},

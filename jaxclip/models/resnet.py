@@ -186,9 +186,8 @@ class AttentionPool2d(nn.Module):
         head_dim = channels // self.num_heads
         std = channels**-0.5  # OpenCLIP's init_parameters for q/k/v/c_proj
 
-        tokens = features.reshape(
-            batch, height * width, channels
-        )  # row-major, as torch
+        # Row-major flattening, the same token order as torch's NCHW reshape.
+        tokens = features.reshape(batch, height * width, channels)  # [b, hw, C]
         mean = jnp.mean(tokens, axis=1, keepdims=True, dtype=jnp.float32)
         tokens = jnp.concatenate([mean.astype(tokens.dtype), tokens], axis=1)
         positional_embedding = self.param(

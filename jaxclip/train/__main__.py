@@ -19,7 +19,9 @@ _DEFAULT_CONFIG = os.path.join(
 )
 
 config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Path to a config file with get_config(arg).",
+    "config",
+    _DEFAULT_CONFIG,
+    "Path to a config file with get_config(arg).",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -28,8 +30,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metric
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxclip.config import ConfigError
     from jaxclip.train.loop import train_and_evaluate
-    from jaxclip.train.validation import ConfigError
 
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")

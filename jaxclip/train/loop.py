@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxclip import sharding
+from jaxclip.config import validate_config
 from jaxclip.data import shapes
 from jaxclip.data.pipeline import make_train_iterator
 from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
@@ -29,7 +30,6 @@ from jaxclip.train.state import (
     make_optimizer,
 )
 from jaxclip.train.step import make_encode_fns, make_train_step
-from jaxclip.train.validation import validate_config
 
 
 def build_model(config: ml_collections.ConfigDict) -> CLIP:
@@ -56,7 +56,9 @@ def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtype
     }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, Any]:
     """Train (resuming from the workdir's latest checkpoint if any), then evaluate.
 
     Returns the last logged metrics plus the evaluation results.
@@ -67,7 +69,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Mesh.
     mesh = sharding.make_mesh(config.mesh.shape)
-    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices")
+    log(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices"
+    )
 
     # --- Model and optimizer.
     model = build_model(config)
@@ -101,33 +105,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_json = json.loads(config.to_json_best_effort())
     writer = MetricWriter(workdir, config.train.steps)
 
-    # --- Train loop.
-    start_step = int(state.step)
-    metrics: dict[str, Any] = {}
-    compile_start = time.perf_counter()
-    for step in range(start_step + 1, config.train.steps + 1):
-        batch = sharding.shard_batch(next(train_iter), mesh)
-        state, step_metrics = train_step(state, batch)
-        if step == start_step + 1:
-            jax.block_until_ready(step_metrics)
-            log(f"first step (compile + run) took {time.perf_counter() - compile_start:.1f}s")
-            writer.reset_timer()
-        if step % config.log.every_steps == 0 or step == config.train.steps:
-            metrics = jax.device_get(step_metrics)
-            writer.write(step, metrics, batch_size=config.train.batch_size)
-        if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-            checkpointer.save(step, state, train_iter.get_state(), config_json)
-    final_step = int(state.step)
-    if checkpointer.latest_step() != final_step:
-        checkpointer.save(final_step, state, train_iter.get_state(), config_json, force=True)
-    checkpointer.wait()
+    def save(state: Any, force: bool = False) -> None:
+        step = int(state.step)
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, train_iter.get_state(), config_json, force)
 
-    # --- Evaluation.
-    results = evaluate(config, model, state, mesh)
-    if results:
-        writer.write(final_step, results)
-    writer.close()
-    checkpointer.close()
+    # --- Train loop. `finally` lets an in-flight async save finish on any exit.
+    try:
+        start_step = int(state.step)
+        metrics: dict[str, Any] = {}
+        results: dict[str, float] = {}
+        compile_start = time.perf_counter()
+        for step in range(start_step + 1, config.train.steps + 1):
+            batch = sharding.shard_batch(next(train_iter), mesh)
+            state, step_metrics = train_step(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(step_metrics)
+                seconds = time.perf_counter() - compile_start
+                log(f"first step (compile + run) took {seconds:.1f}s")
+                writer.reset_timer()
+            if step % config.log.every_steps == 0 or step == config.train.steps:
+                metrics = jax.device_get(step_metrics)
+                writer.write(step, metrics, batch_size=config.train.batch_size)
+            if (
+                config.checkpoint.every_steps
+                and step % config.checkpoint.every_steps == 0
+            ):
+                save(state)
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                results = evaluate(config, model, state, mesh)
+                writer.write(step, results)
+                writer.reset_timer()
+        save(state, force=True)
+
+        # --- Evaluation at the end (unless it just ran at the last step).
+        if not (
+            config.eval.every_steps and int(state.step) % config.eval.every_steps == 0
+        ):
+            results = evaluate(config, model, state, mesh)
+            if results:
+                writer.write(int(state.step), results)
+    finally:
+        writer.close()
+        checkpointer.close()
     return {**{k: float(np.asarray(v)) for k, v in metrics.items()}, **results}
 
 

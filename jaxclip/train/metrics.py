@@ -38,7 +38,8 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # imported late: only process 0
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            # Held open for the writer's lifetime; closed in close().
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, metrics: dict[str, Any], batch_size: int = 0) -> None:
         """Log one step. `batch_size` turns the time between calls into samples/s."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -72,7 +73,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def clip_logit_scale(params: dict) -> dict:
     """Keep the learnable temperature in [0, ln 100], as CLIP does after each update."""
-    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+    return {
+        **params,
+        "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE),
+    }
 
 
 def create_train_state(

@@ -1,4 +1,8 @@
-"""Refuse bad configs with a message that names the field, before anything compiles."""
+"""The config schema: every field with its default, and the checks that refuse bad
+values with a message naming the field, before anything compiles.
+
+Recipes in `configs/` start from `base_config()`; the README documents each field.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,83 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.models.layers import REMAT_POLICIES
 from jaxclip.models.registry import get_model_config
 from jaxclip.sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All config fields with their default values."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "ViT-B-32"
+    config.model.dtype = "float32"  # compute dtype; params stay float32
+    config.model.scan = True  # lax.scan over layers (False: unrolled, same params)
+    config.model.remat = "none"  # none | full | dots | dots_no_batch
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "clip"  # clip (softmax) | siglip (sigmoid, adds a logit bias)
+    config.loss.impl = "dense"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "shapes"
+    config.data.path = ""  # shards / files for real data sources
+    config.data.mean = OPENAI_MEAN
+    config.data.std = OPENAI_STD
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 256  # global, over all devices and processes
+    config.train.steps = 1000
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 5e-4
+    config.optim.end_lr = 0.0
+    config.optim.warmup_steps = 100
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.98
+    config.optim.eps = 1e-6
+    config.optim.weight_decay = 0.2
+    config.optim.grad_clip_norm = 1.0  # 0 disables clipping
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 is inferred
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000  # 0: only at the end
+    config.checkpoint.keep = 3
+    config.checkpoint.async_save = True
+
+    config.log = ml_collections.ConfigDict()
+    config.log.every_steps = 50
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.zeroshot = False  # shapes zero-shot after training (demo data only)
+    config.eval.num_examples = 1000
+    config.eval.every_steps = 0  # 0: only at the end
+    return config
+
+
+def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
+    """The CLIP paper's large-scale setup: batch 32,768, AdamW (0.9, 0.98), eps 1e-6,
+    weight decay 0.2, 2,000 warm-up steps then cosine decay."""
+    config = base_config()
+    config.model.name = model_name
+    config.model.dtype = "bfloat16"
+    config.data.source = "webdataset"
+    config.data.path = "/data/laion400m/{00000..41407}.tar"
+    config.train.batch_size = 32768
+    config.train.steps = 32 * 12_500  # 32 epochs of 400M samples at 32k
+    config.optim.lr = 5e-4
+    config.optim.warmup_steps = 2000
+    config.optim.weight_decay = 0.2
+    config.mesh.shape = (1, -1, 1)  # FSDP over every device
+    config.checkpoint.every_steps = 2000
+    config.log.every_steps = 100
+    return config
+
 
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = ("dense",)
@@ -23,7 +101,9 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict, workdir: str | None = None
+) -> None:
     """Check every field that can be checked without compiling; raise ConfigError."""
     _known_model(config.model.name)
     _check_choice(config.model.dtype, "model.dtype", DTYPES)
@@ -103,7 +183,11 @@ def _lookup(config: ml_collections.ConfigDict, field: str):
 
 def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
     value = _lookup(config, field)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+    if (
+        not isinstance(value, (int, np.integer))
+        or isinstance(value, bool)
+        or value <= 0
+    ):
         raise ConfigError(f"{field}={value!r} must be a positive integer")
 
 

@@ -1,0 +1,20 @@
+"""RN50, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
+weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
+
+    python -m jaxclip.train --config=configs/rn50.py --workdir=gs://bucket/rn50 \
+        --config.data.path='/data/shards/{00000..41407}.tar'
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxclip.config import clip_paper_recipe
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """RN50 recipe; `arg` is unused."""
+    del arg
+    config = clip_paper_recipe("RN50")
+    config.mesh.shape = (-1, 1, 1)  # BatchNorm nets: plain data parallelism
+    return config

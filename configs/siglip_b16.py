@@ -1,0 +1,27 @@
+"""ViT-B-16 trained with the sigmoid (SigLIP) loss: learnable scale (init 10) and bias
+(init -10), pixels normalised to [-1, 1], batch 32,768, AdamW, weight decay 1e-4
+(SigLIP paper, Zhai et al. 2023).
+
+    python -m jaxclip.train --config=configs/siglip_b16.py --workdir=DIR
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxclip.config import clip_paper_recipe
+from jaxclip.data.transforms import HALF
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """SigLIP-loss ViT-B-16 recipe; `arg` is unused."""
+    del arg
+    config = clip_paper_recipe("ViT-B-16")
+    config.loss.name = "siglip"
+    config.data.mean = HALF
+    config.data.std = HALF
+    config.optim.lr = 1e-3
+    config.optim.b2 = 0.95
+    config.optim.weight_decay = 1e-4
+    config.optim.warmup_steps = 5000
+    return config

@@ -1,0 +1,39 @@
+"""jaxclip: CLIP-style contrastive language-image pretraining in JAX."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxclip",
+    version="0.1.0",
+    description="CLIP-style contrastive language-image pretraining in JAX/Flax",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jaxclip", "jaxclip.*"]),
+    package_data={"jaxclip.data.assets": ["*.txt.gz", "LICENSE-*.txt"]},
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "einops>=0.8",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "ftfy",
+        "regex",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "tensorboard>=2.15",
+            "ruff",
+        ],
+    },
+)
