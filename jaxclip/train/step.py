@@ -73,7 +73,7 @@ def make_train_step(
             "i2t_acc": i2t,
             "t2i_acc": t2i,
             "logit_scale": jnp.exp(out["logit_scale"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
         }
         if "logit_bias" in out:

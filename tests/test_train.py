@@ -1,0 +1,223 @@
+"""The sharded train step against a single-device run, checkpoints, and resume."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxclip import sharding
+from jaxclip.config import base_config
+from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.train.checkpoint import Checkpointer, abstract_like
+from jaxclip.train.loop import build_model, example_batch, train_and_evaluate
+from jaxclip.train.state import (
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    weight_decay_mask,
+)
+from jaxclip.train.step import make_train_step
+
+
+def tiny_config(model_name: str = "tiny-vit", **overrides):
+    config = base_config()
+    config.model.name = model_name
+    config.model.scan = True
+    config.train.batch_size = 16
+    config.train.steps = 3
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 0  # a non-zero learning rate from the first step
+    config.log.every_steps = 1
+    config.checkpoint.every_steps = 0
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def run_steps(config, mesh, num_steps: int):
+    """Train `num_steps` on the shapes data; returns (final state, per-step metrics)."""
+    model = build_model(config)
+    tx = make_optimizer(config)
+    state, shardings = create_train_state(
+        model, tx, mesh, jax.random.key(config.seed), example_batch(config)
+    )
+    step = make_train_step(
+        config, model, tx, learning_rate_schedule(config), mesh, shardings
+    )
+    size = model.config.vision.image_size
+    data = ShapesIterator(
+        config.seed, config.train.batch_size, size, model.config.text.context_length
+    )
+    history = []
+    for _ in range(num_steps):
+        state, metrics = step(state, sharding.shard_batch(next(data), mesh))
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+@pytest.fixture(scope="module")
+def single_device_runs():
+    """Reference trajectories on one device, computed once per model."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    return {
+        name: run_steps(tiny_config(name), mesh, 2) for name in ("tiny-vit", "tiny-rn")
+    }
+
+
+@pytest.mark.parametrize(
+    "model_name, mesh_shape",
+    [
+        ("tiny-vit", (8, 1, 1)),
+        ("tiny-vit", (4, 2, 1)),
+        ("tiny-vit", (2, 2, 2)),
+        # BatchNorm statistics must be global over the sharded batch.
+        ("tiny-rn", (4, 2, 1)),
+    ],
+)
+def test_sharded_step_equals_single_device(single_device_runs, model_name, mesh_shape):
+    mesh = sharding.make_mesh(mesh_shape)
+    state, history = run_steps(tiny_config(model_name), mesh, 2)
+    ref_state, ref_history = single_device_runs[model_name]
+    for got, want in zip(history, ref_history):
+        for name in ("loss", "grad_norm", "i2t_acc", "t2i_acc", "logit_scale"):
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)
+    # After two AdamW updates (lr 1e-3) every parameter and statistic must agree.
+    # Adam divides by |gradient|, so where a gradient is near eps (1e-6) float32
+    # rounding moves the update by a fraction of a step: atol is 0.5% of lr.
+    for tree in ("params", "batch_stats"):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),
+            getattr(state, tree),
+            getattr(ref_state, tree),
+        )
+    assert state.step == 2
+
+
+def test_params_are_created_sharded():
+    config = tiny_config()
+    mesh = sharding.make_mesh((2, 2, 2))
+    model = build_model(config)
+    state, _ = create_train_state(
+        model, make_optimizer(config), mesh, jax.random.key(0), example_batch(config)
+    )
+    attn = state.params["visual"]["transformer"]["resblocks"]["attn"]
+    # [layers, embed, 3, heads, head_dim]: embed over fsdp, heads over tensor.
+    spec = attn["in_proj_kernel"].sharding.spec
+    assert tuple(spec) == (None, "fsdp", None, "tensor", None)
+    mu = state.opt_state[1][0].mu["visual"]["transformer"]["resblocks"]["attn"]
+    assert mu["in_proj_kernel"].sharding == attn["in_proj_kernel"].sharding
+
+
+def test_weight_decay_mask():
+    config = tiny_config()
+    model = build_model(config)
+    abstract = jax.eval_shape(
+        lambda: create_train_state(
+            model,
+            make_optimizer(config),
+            sharding.make_mesh((8, 1, 1)),
+            jax.random.key(0),
+            example_batch(config),
+        )[0]
+    )
+    flat = dict(jax.tree_util.tree_leaves_with_path(weight_decay_mask(abstract.params)))
+    decayed = {jax.tree_util.keystr(path) for path, value in flat.items() if value}
+    assert "['visual']['proj']" in decayed
+    assert "['text']['text_projection']" in decayed
+    assert "['text']['transformer']['resblocks']['mlp']['c_fc']['kernel']" in decayed
+    for name in (
+        "['logit_scale']",
+        "['text']['token_embedding']['embedding']",
+        "['text']['positional_embedding']",
+        "['visual']['class_embedding']",
+        "['visual']['ln_post']['scale']",
+        "['text']['transformer']['resblocks']['mlp']['c_fc']['bias']",
+    ):
+        assert name not in decayed
+
+
+def test_logit_scale_is_clipped_at_100():
+    config = tiny_config(optim__lr=10.0, optim__grad_clip_norm=0.0)
+    mesh = sharding.make_mesh((8, 1, 1))
+    state, history = run_steps(config, mesh, 2)
+    assert float(state.params["logit_scale"]) <= np.log(100.0) + 1e-6
+    assert history[-1]["logit_scale"] <= 100.0 + 1e-3
+
+
+def test_checkpoint_save_restore_is_identical(tmp_path):
+    config = tiny_config("tiny-rn")
+    mesh = sharding.make_mesh((4, 2, 1))
+    model = build_model(config)
+    tx = make_optimizer(config)
+    state, shardings = create_train_state(
+        model, tx, mesh, jax.random.key(3), example_batch(config)
+    )
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    checkpointer.save(0, state, {"source": "shapes", "seed": 0, "index": 5}, {"a": 1})
+    checkpointer.wait()
+    restored, data_state = checkpointer.restore(abstract_like(state))
+    checkpointer.close()
+    assert data_state == {"source": "shapes", "seed": 0, "index": 5}
+    same = jax.tree.map(
+        lambda a, b: (
+            bool(np.array_equal(np.asarray(a), np.asarray(b)))
+            and a.sharding == b.sharding
+        ),
+        state,
+        restored,
+    )
+    assert all(jax.tree.leaves(same))
+
+
+def _losses(workdir) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypatch):
+    config = tiny_config(train__steps=6, checkpoint__every_steps=2, checkpoint__keep=5)
+    train_and_evaluate(config, str(tmp_path / "straight"))
+
+    # Crash while fetching the batch of step 5; the checkpoint of step 4 is complete.
+    original_next = ShapesIterator.__next__
+
+    def crashing_next(self):
+        if self.index == 4:
+            raise _Crash()
+        return original_next(self)
+
+    monkeypatch.setattr(ShapesIterator, "__next__", crashing_next)
+    with pytest.raises(_Crash):
+        train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(ShapesIterator, "__next__", original_next)
+    assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
+    train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    assert resumed == straight  # bit-identical on the CPU
+
+    def final_params(run):
+        checkpointer = Checkpointer(str(tmp_path / run / "checkpoints"))
+        mesh = sharding.make_mesh(config.mesh.shape)
+        from jaxclip.train.state import abstract_train_state
+
+        abstract, _ = abstract_train_state(
+            build_model(config), make_optimizer(config), mesh, example_batch(config)
+        )
+        state, data_state = checkpointer.restore(abstract)
+        checkpointer.close()
+        return jax.device_get(state.params), data_state
+
+    (a, data_a), (b, data_b) = final_params("straight"), final_params("resumed")
+    assert data_a == data_b == {"source": "shapes", "seed": 0, "index": 6}
+    jax.tree.map(np.testing.assert_array_equal, a, b)
