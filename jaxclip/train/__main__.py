@@ -12,18 +12,6 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-# Several emulated CPU devices in one process: XLA:CPU's concurrency-optimised scheduler
-# can let them enter collectives in different orders and deadlock (see
-# tests/conftest.py). Set before JAX creates its CPU client.
-_xla_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" in _xla_flags or os.environ.get(
-    "JAX_NUM_CPU_DEVICES"
-):
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in _xla_flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{_xla_flags} --xla_cpu_enable_concurrency_optimized_scheduler=false"
-        ).strip()
-
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "configs",

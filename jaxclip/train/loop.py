@@ -38,9 +38,27 @@ def build_model(config: ml_collections.ConfigDict) -> CLIP:
         get_model_config(config.model.name),
         logit_bias=config.loss.name == "siglip",
         dtype=jnp.dtype(config.model.dtype),
-        scan=config.model.scan,
+        scan=use_scan(config.model.scan),
         remat=config.model.remat,
     )
+
+
+def use_scan(requested: bool) -> bool:
+    """Whether layer stacks run as a loop; unrolled on multi-device CPU.
+
+    XLA:CPU can start a collective inside a while loop (the scanned layers) and one
+    outside it in different orders on different devices, which deadlocks a sharded
+    step at random. Unrolling gives the same parameters and numbers, so CPU runs with
+    several devices unroll, and say so.
+    """
+    if requested and jax.default_backend() == "cpu" and jax.device_count() > 1:
+        if jax.process_index() == 0:
+            print(
+                f"model.scan=True runs unrolled on {jax.device_count()} CPU devices "
+                "(XLA:CPU can deadlock on collectives inside loops); same parameters"
+            )
+        return False
+    return requested
 
 
 def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
