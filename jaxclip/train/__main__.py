@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(
@@ -33,6 +33,9 @@ def main(argv: list[str]) -> None:
     from jaxclip.config import ConfigError
     from jaxclip.train.loop import train_and_evaluate
 
+    if not flags.FLAGS["verbosity"].present:
+        # orbax logs every checkpoint step at INFO; progress lines are what users read.
+        logging.set_verbosity(logging.WARNING)
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     try:
