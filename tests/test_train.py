@@ -14,6 +14,7 @@ from jaxclip.data.pipeline import ShapesIterator
 from jaxclip.train.checkpoint import Checkpointer, abstract_like
 from jaxclip.train.loop import build_model, example_batch, train_and_evaluate
 from jaxclip.train.state import (
+    abstract_train_state,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -211,8 +212,6 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
     def final_params(run):
         checkpointer = Checkpointer(str(tmp_path / run / "checkpoints"))
         mesh = sharding.make_mesh(config.mesh.shape)
-        from jaxclip.train.state import abstract_train_state
-
         abstract, _ = abstract_train_state(
             build_model(config), make_optimizer(config), mesh, example_batch(config)
         )
