@@ -2,8 +2,9 @@
 
 Both losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
 learnable LOG of the logit scale. `impl` picks the implementation: "dense" builds the
-whole `[batch, batch]` logit matrix and is the reference; a memory-efficient "ring"
-version with the same signature and the same numbers registers itself later.
+whole `[batch, batch]` logit matrix and is the reference; "ring" (below) never holds
+more than one `[local_batch, local_batch]` tile per device, runs under `jax.shard_map`
+over the batch axes of the mesh in context, and gives the same loss and gradients.
 
 Logits and their softmax / log-sigmoid statistics are always computed in float32,
 whatever the embedding dtype: at logit scale 100 a bf16 logit is off by up to 0.5.
@@ -90,7 +91,7 @@ def _siglip_loss_dense(
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / batch
 
 
-# Implementations by name; the ring version adds itself to both.
+# Implementations by name; the ring versions add themselves at the end of the module.
 _CLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _clip_loss_dense}
 _SIGLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _siglip_loss_dense}
 
@@ -157,3 +158,214 @@ def contrastive_accuracy(
     image_to_text = jnp.mean(jnp.argmax(similarities, axis=1) == targets)
     text_to_image = jnp.mean(jnp.argmax(similarities, axis=0) == targets)
     return image_to_text.astype(jnp.float32), text_to_image.astype(jnp.float32)
+
+
+# --- Ring implementations ------------------------------------------------------------
+#
+# Embeddings are sharded over the batch axes of the mesh in context. Under shard_map,
+# each device keeps its image rows; text blocks travel one device per step with
+# ppermute, so after R steps (R = ring size) every image block has met every text
+# block and each text block is home again. One ring serves both directions: row
+# statistics stay with the image rows, column statistics travel with their text block.
+# The backward pass runs the ring again from the saved log-sum-exps, recomputing each
+# tile once; the text gradient travels with its block. The loop over ring steps is a
+# Python loop: XLA:CPU can deadlock on collectives inside a while loop (see
+# jaxclip/train/loop.py), and R is the number of batch shards, so it stays small.
+
+
+def _ring_context() -> tuple[jax.sharding.Mesh, tuple[str, ...], int]:
+    """The mesh in context, the batch axes the ring runs over, and the ring size."""
+    from jaxclip.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        raise ValueError("impl='ring' needs a mesh in context (jax.set_mesh(mesh))")
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return mesh, axes, size
+
+
+def _shift(tree, axes: tuple[str, ...], size: int):
+    """Send every array one step round the ring: device i receives from i + 1."""
+    perm = [(i, (i - 1) % size) for i in range(size)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
+
+
+def _tile(image: jax.Array, text: jax.Array) -> jax.Array:
+    """Float32 similarities of an image block with a text block, `[b, b]`."""
+    return jnp.matmul(image, text.T, precision=_PRECISION)
+
+
+def _ring_fn(body, in_specs, out_specs):
+    """`body` under shard_map over the mesh in context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+@jax.custom_vjp
+def _clip_loss_ring(image_emb, text_emb, logit_scale):
+    return _clip_ring_forward(image_emb, text_emb, logit_scale)[0]
+
+
+def _clip_ring_forward(image_emb, text_emb, logit_scale):
+    """Loss plus the per-row and per-column log-sum-exps (the only residuals)."""
+    _, axes, size = _ring_context()
+    batch = image_emb.shape[0]
+    rows = P(axes, None)
+
+    def body(image, text, log_scale):
+        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        neg_inf = jnp.full((image.shape[0],), -jnp.inf, jnp.float32)
+        row_max, row_sum = neg_inf, jnp.zeros_like(neg_inf)
+        col_max, col_sum = neg_inf, jnp.zeros_like(neg_inf)
+        block = text
+        for step in range(size):
+            logits = scale * _tile(image, block)
+            new_row_max = jnp.maximum(row_max, logits.max(axis=1))
+            row_sum = row_sum * jnp.exp(row_max - new_row_max) + jnp.exp(
+                logits - new_row_max[:, None]
+            ).sum(axis=1)
+            row_max = new_row_max
+            new_col_max = jnp.maximum(col_max, logits.max(axis=0))
+            col_sum = col_sum * jnp.exp(col_max - new_col_max) + jnp.exp(
+                logits - new_col_max[None, :]
+            ).sum(axis=0)
+            col_max = new_col_max
+            if step < size - 1:
+                block, col_max, col_sum = _shift((block, col_max, col_sum), axes, size)
+            else:  # the block is back home; only its column statistics must follow
+                col_max, col_sum = _shift((col_max, col_sum), axes, size)
+        row_lse = row_max + jnp.log(row_sum)
+        col_lse = col_max + jnp.log(col_sum)
+        matched = scale * jnp.sum(image * text, axis=1)
+        local = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
+        loss = jax.lax.psum(local, axes) / (2 * batch)
+        return loss, row_lse, col_lse
+
+    fn = _ring_fn(body, (rows, rows, P()), (P(), P(axes), P(axes)))
+    loss, row_lse, col_lse = fn(image_emb, text_emb, logit_scale)
+    return loss, (image_emb, text_emb, logit_scale, row_lse, col_lse)
+
+
+def _clip_ring_backward(residuals, grad):
+    image_emb, text_emb, logit_scale, row_lse, col_lse = residuals
+    _, axes, size = _ring_context()
+    batch = image_emb.shape[0]
+    rows = P(axes, None)
+
+    def body(image, text, log_scale, row_lse, col_lse, grad):
+        image_dtype, text_dtype = image.dtype, text.dtype
+        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        weight = grad / (2 * batch)  # dL/dlogits = weight * (row softmax + col softmax)
+        d_image = jnp.zeros_like(image)
+        d_log_scale = jnp.zeros((), jnp.float32)
+        block, block_lse, d_block = text, col_lse, jnp.zeros_like(text)
+        for step in range(size):
+            logits = scale * _tile(image, block)
+            d_logits = weight * (
+                jnp.exp(logits - row_lse[:, None])
+                + jnp.exp(logits - block_lse[None, :])
+            )
+            d_image += scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+            d_block += scale * jnp.matmul(d_logits.T, image, precision=_PRECISION)
+            d_log_scale += jnp.sum(d_logits * logits)
+            if step < size - 1:
+                block, block_lse, d_block = _shift(
+                    (block, block_lse, d_block), axes, size
+                )
+            else:
+                d_block = _shift(d_block, axes, size)
+        # The matched pairs' -logit terms: -(grad / B) per row and per column.
+        d_image -= 2 * weight * scale * text
+        d_text = d_block - 2 * weight * scale * image
+        d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
+        d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
+        return d_image.astype(image_dtype), d_text.astype(text_dtype), d_log_scale
+
+    fn = _ring_fn(body, (rows, rows, P(), P(axes), P(axes), P()), (rows, rows, P()))
+    return fn(image_emb, text_emb, logit_scale, row_lse, col_lse, grad)
+
+
+_clip_loss_ring.defvjp(_clip_ring_forward, _clip_ring_backward)
+
+
+@jax.custom_vjp
+def _siglip_loss_ring(image_emb, text_emb, logit_scale, logit_bias):
+    return _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias)[0]
+
+
+def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias):
+    _, axes, size = _ring_context()
+    batch = image_emb.shape[0]
+    rows = P(axes, None)
+
+    def body(image, text, log_scale, bias):
+        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        bias = bias.astype(jnp.float32)
+        total = jnp.zeros((), jnp.float32)
+        block = text
+        for step in range(size):
+            logits = scale * _tile(image, block) + bias
+            # Only the home block (step 0) holds the matched pairs, on its diagonal.
+            labels = 2.0 * jnp.eye(image.shape[0]) - 1.0 if step == 0 else -1.0
+            total += jnp.sum(jax.nn.log_sigmoid(labels * logits))
+            if step < size - 1:
+                block = _shift(block, axes, size)
+        return -jax.lax.psum(total, axes) / batch
+
+    fn = _ring_fn(body, (rows, rows, P(), P()), P())
+    loss = fn(image_emb, text_emb, logit_scale, logit_bias)
+    return loss, (image_emb, text_emb, logit_scale, logit_bias)
+
+
+def _siglip_ring_backward(residuals, grad):
+    image_emb, text_emb, logit_scale, logit_bias = residuals
+    _, axes, size = _ring_context()
+    batch = image_emb.shape[0]
+    rows = P(axes, None)
+
+    def body(image, text, log_scale, bias, grad):
+        image_dtype, text_dtype = image.dtype, text.dtype
+        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        bias32 = bias.astype(jnp.float32)
+        d_image = jnp.zeros_like(image)
+        d_log_scale = jnp.zeros((), jnp.float32)
+        d_bias = jnp.zeros((), jnp.float32)
+        block, d_block = text, jnp.zeros_like(text)
+        for step in range(size):
+            similarity = _tile(image, block)
+            logits = scale * similarity + bias32
+            labels = 2.0 * jnp.eye(image.shape[0]) - 1.0 if step == 0 else -1.0
+            # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
+            d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
+            d_image += scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+            d_block += scale * jnp.matmul(d_logits.T, image, precision=_PRECISION)
+            d_log_scale += scale * jnp.sum(d_logits * similarity)
+            d_bias += jnp.sum(d_logits)
+            if step < size - 1:
+                block, d_block = _shift((block, d_block), axes, size)
+            else:
+                d_block = _shift(d_block, axes, size)
+        d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
+        d_bias = jax.lax.psum(d_bias, axes).astype(bias.dtype)
+        return (
+            d_image.astype(image_dtype),
+            d_block.astype(text_dtype),
+            d_log_scale,
+            d_bias,
+        )
+
+    fn = _ring_fn(body, (rows, rows, P(), P(), P()), (rows, rows, P(), P()))
+    return fn(image_emb, text_emb, logit_scale, logit_bias, grad)
+
+
+_siglip_loss_ring.defvjp(_siglip_ring_forward, _siglip_ring_backward)
+
+_CLIP_LOSS_IMPLS["ring"] = _clip_loss_ring
+_SIGLIP_LOSS_IMPLS["ring"] = _siglip_loss_ring

@@ -313,9 +313,9 @@ def test_contrastive_accuracy_is_not_trivial():
 
 def test_unknown_impl_is_refused():
     image, text = random_pair(4, 8)
-    with pytest.raises(ValueError, match=r"impl='ring'.*\['dense'\]"):
-        clip_loss(image, text, 0.0, impl="ring")
-    with pytest.raises(ValueError, match=r"impl='sparse'.*\['dense'\]"):
+    with pytest.raises(ValueError, match=r"impl='blocked'.*\['dense', 'ring'\]"):
+        clip_loss(image, text, 0.0, impl="blocked")
+    with pytest.raises(ValueError, match=r"impl='sparse'.*\['dense', 'ring'\]"):
         siglip_loss(image, text, 0.0, 0.0, impl="sparse")
 
 

@@ -100,6 +100,23 @@ def test_sharded_step_equals_single_device(single_device_runs, model_name, mesh_
     assert state.step == 2
 
 
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_ring_loss_in_the_train_step_equals_dense(loss_name):
+    mesh = sharding.make_mesh((4, 2, 1))
+    dense_state, dense = run_steps(tiny_config(loss__name=loss_name), mesh, 2)
+    ring_state, ring = run_steps(
+        tiny_config(loss__name=loss_name, loss__impl="ring"), mesh, 2
+    )
+    for got, want in zip(ring, dense):
+        for name in ("loss", "grad_norm"):
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL),
+        ring_state.params,
+        dense_state.params,
+    )
+
+
 def test_params_are_created_sharded():
     config = tiny_config()
     mesh = sharding.make_mesh((2, 2, 2))

@@ -1,0 +1,91 @@
+"""The ring losses against the dense reference: values and every gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxclip import losses, sharding
+
+BATCH, DIM = 32, 16
+
+
+def _unit_rows(rng: np.random.Generator, rows: int) -> np.ndarray:
+    x = rng.normal(size=(rows, DIM))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    image, text = _unit_rows(rng, BATCH), _unit_rows(rng, BATCH)
+    duplicated_image, duplicated_text = image.copy(), text.copy()
+    duplicated_image[1::4] = duplicated_image[0::4]  # ties between rows and columns
+    duplicated_text[1::4] = duplicated_text[0::4]
+    same = np.broadcast_to(_unit_rows(rng, 1), (BATCH, DIM))
+    return {
+        "random": (image, text),
+        "duplicated": (duplicated_image, duplicated_text),
+        "identical": (same, same),
+    }
+
+
+def _value_and_grads(loss_name: str, impl: str):
+    if loss_name == "clip":
+        loss = lambda i, t, s, b: losses.clip_loss(i, t, s, impl=impl)  # noqa: E731
+    else:
+        loss = lambda i, t, s, b: losses.siglip_loss(i, t, s, b, impl=impl)  # noqa: E731
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ring_equals_dense(mesh_shape, loss_name, dtype):
+    mesh = sharding.make_mesh(mesh_shape)
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    dense, ring = (
+        _value_and_grads(loss_name, "dense"),
+        _value_and_grads(loss_name, "ring"),
+    )
+    # bf16 embeddings: both paths compute in float32 from the same rounded inputs, and
+    # return bf16 gradients, which may differ by one rounding step.
+    grad_rtol = 1e-5 if dtype == jnp.float32 else 1e-2
+    with jax.set_mesh(mesh):
+        for case, (image, text) in _cases().items():
+            args = (
+                jax.device_put(jnp.asarray(image, dtype), rows),
+                jax.device_put(jnp.asarray(text, dtype), rows),
+            )
+            for scale in (1.0, 100.0):
+                scalars = (jnp.float32(np.log(scale)), jnp.float32(-5.0))
+                want_loss, want_grads = dense(*args, *scalars)
+                got_loss, got_grads = ring(*args, *scalars)
+                np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=case)
+                names = ("image", "text", "logit_scale", "logit_bias")
+                if loss_name == "clip":
+                    names = names[:3]  # the CLIP loss does not use the bias
+                for name, got, want in zip(names, got_grads, want_grads):
+                    assert got.dtype == want.dtype, name
+                    got, want = (
+                        np.asarray(got, np.float64),
+                        np.asarray(want, np.float64),
+                    )
+                    # Relative to the size of the terms summed: scale / B per logit
+                    # for an embedding, about `scale` for the scalars. Where terms
+                    # cancel (identical embeddings) the gradient is rounding noise
+                    # with no meaningful relative error.
+                    terms = scale if name.startswith("logit") else scale / BATCH
+                    tol = grad_rtol * max(np.abs(want).max(), terms)
+                    np.testing.assert_allclose(
+                        got, want, atol=tol, err_msg=f"{case} {name} scale {scale}"
+                    )
+
+
+def test_ring_needs_a_mesh():
+    image = jnp.ones((4, DIM)) / np.sqrt(DIM)
+    with pytest.raises(ValueError, match="needs a mesh"):
+        losses.clip_loss(image, image, jnp.float32(0.0), impl="ring")
