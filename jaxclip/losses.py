@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxclip.sharding import BATCH_AXES
+
 # Float32 passes on TPU too; the default precision there would multiply in bf16.
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -173,10 +175,8 @@ def contrastive_accuracy(
 # jaxclip/train/loop.py), and R is the number of batch shards, so it stays small.
 
 
-def _ring_context() -> tuple[jax.sharding.Mesh, tuple[str, ...], int]:
+def _ring_context() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...], int]:
     """The mesh in context, the batch axes the ring runs over, and the ring size."""
-    from jaxclip.sharding import BATCH_AXES
-
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.axis_names:
         raise ValueError("impl='ring' needs a mesh in context (jax.set_mesh(mesh))")
