@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "clip"  # clip (softmax) | siglip (sigmoid, adds a logit bias)
     config.loss.impl = "dense"  # dense (reference) | ring (memory-efficient, sharded)
+    config.loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "shapes"
@@ -87,6 +88,7 @@ def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.2
     config.mesh.shape = (1, -1, 1)  # FSDP over every device
     config.loss.impl = "ring"  # never materialise the 32k x 32k logit matrix
+    config.loss.chunk_size = 512  # and hold at most [512, local batch] per tile
     config.checkpoint.every_steps = 2000
     config.log.every_steps = 100
     return config
@@ -114,7 +116,12 @@ def validate_config(
     _check_choice(config.data.source, "data.source", DATA_SOURCES)
     for field in ("train.batch_size", "train.steps", "log.every_steps"):
         _positive_int(config, field)
-    for field in ("checkpoint.every_steps", "optim.warmup_steps", "eval.every_steps"):
+    for field in (
+        "checkpoint.every_steps",
+        "optim.warmup_steps",
+        "eval.every_steps",
+        "loss.chunk_size",
+    ):
         _non_negative_int(config, field)
     _positive_int(config, "checkpoint.keep")
     for field in ("optim.lr", "optim.eps"):

@@ -11,6 +11,7 @@ whatever the embedding dtype: at logit scale 100 a bf16 logit is off by up to 0.
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +67,13 @@ def _scaled_logits(
 
 
 def _clip_loss_dense(
-    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array | float
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    chunk_size: int = 0,
 ) -> jax.Array:
-    """Softmax CLIP loss on the whole logit matrix."""
+    """Softmax CLIP loss on the whole logit matrix (`chunk_size` is for the ring)."""
+    del chunk_size
     logits = _scaled_logits(image_emb, text_emb, logit_scale)
     batch = logits.shape[0]
     # A mask, not jnp.diagonal: the gather behind it has no unambiguous sharding
@@ -84,8 +89,10 @@ def _siglip_loss_dense(
     text_emb: jax.Array,
     logit_scale: jax.Array | float,
     logit_bias: jax.Array | float,
+    chunk_size: int = 0,
 ) -> jax.Array:
-    """Sigmoid SigLIP loss on the whole logit matrix."""
+    """Sigmoid SigLIP loss on the whole logit matrix (`chunk_size` is for the ring)."""
+    del chunk_size
     logits = _scaled_logits(image_emb, text_emb, logit_scale)
     logits = logits + jnp.asarray(logit_bias).astype(jnp.float32)
     batch = logits.shape[0]
@@ -111,16 +118,19 @@ def clip_loss(
     logit_scale: jax.Array | float,
     *,
     impl: str = "dense",
+    chunk_size: int = 0,
 ) -> jax.Array:
     """Softmax CLIP loss: mean of image→text and text→image cross-entropy.
 
     Logits are `exp(logit_scale) * image_emb @ text_emb.T`, `[batch, batch]`, with
     the matching pairs on the diagonal; each direction is averaged over the batch.
-    Returns a float32 scalar.
+    `chunk_size` (ring only) splits each device's tile into row chunks; 0 means
+    whole tiles. Returns a float32 scalar.
     """
     _check_embeddings(image_emb, text_emb)
     _check_scalar("logit_scale", logit_scale)
-    return _lookup(_CLIP_LOSS_IMPLS, impl)(image_emb, text_emb, logit_scale)
+    impl_fn = _lookup(_CLIP_LOSS_IMPLS, impl)
+    return impl_fn(image_emb, text_emb, logit_scale, chunk_size)
 
 
 def siglip_loss(
@@ -130,19 +140,20 @@ def siglip_loss(
     logit_bias: jax.Array | float,
     *,
     impl: str = "dense",
+    chunk_size: int = 0,
 ) -> jax.Array:
     """Sigmoid SigLIP loss: `-sum(log_sigmoid(labels * logits)) / batch`.
 
     Logits are `exp(logit_scale) * image_emb @ text_emb.T + logit_bias`; labels are
     +1 on the diagonal and -1 elsewhere. The sum runs over all pairs and is divided
-    by the batch size, as in big_vision and OpenCLIP's SigLipLoss. Returns a float32
-    scalar.
+    by the batch size, as in big_vision and OpenCLIP's SigLipLoss. `chunk_size` is as
+    for `clip_loss`. Returns a float32 scalar.
     """
     _check_embeddings(image_emb, text_emb)
     _check_scalar("logit_scale", logit_scale)
     _check_scalar("logit_bias", logit_bias)
     impl_fn = _lookup(_SIGLIP_LOSS_IMPLS, impl)
-    return impl_fn(image_emb, text_emb, logit_scale, logit_bias)
+    return impl_fn(image_emb, text_emb, logit_scale, logit_bias, chunk_size)
 
 
 def contrastive_accuracy(
@@ -194,7 +205,7 @@ def _shift(tree, axes: tuple[str, ...], size: int):
 
 
 def _tile(image: jax.Array, text: jax.Array) -> jax.Array:
-    """Float32 similarities of an image block with a text block, `[b, b]`."""
+    """Float32 similarities of image rows with a text block, `[rows, b]`."""
     return jnp.matmul(image, text.T, precision=_PRECISION)
 
 
@@ -204,12 +215,41 @@ def _ring_fn(body, in_specs, out_specs):
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-@jax.custom_vjp
-def _clip_loss_ring(image_emb, text_emb, logit_scale):
-    return _clip_ring_forward(image_emb, text_emb, logit_scale)[0]
+def _row_chunks(rows: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """`[b, ...]` -> `[num_chunks, chunk, ...]`, zero-padded, and a validity mask.
+
+    A tile is processed one chunk of image rows at a time, so no device ever holds a
+    `[b, b]` buffer, only `[chunk, b]`. `chunk_size <= 0` means one chunk.
+    """
+    count = rows.shape[0]
+    chunk = count if chunk_size <= 0 else min(chunk_size, count)
+    num_chunks = -(-count // chunk)
+    pad = num_chunks * chunk - count
+    padded = jnp.pad(rows, [(0, pad)] + [(0, 0)] * (rows.ndim - 1))
+    valid = jnp.arange(num_chunks * chunk) < count
+    return padded.reshape(num_chunks, chunk, *rows.shape[1:]), valid.reshape(
+        num_chunks, chunk
+    )
 
 
-def _clip_ring_forward(image_emb, text_emb, logit_scale):
+def _unchunk(chunked: jax.Array, count: int) -> jax.Array:
+    """Inverse of `_row_chunks`: `[num_chunks, chunk, ...]` -> `[count, ...]`."""
+    return chunked.reshape(-1, *chunked.shape[2:])[:count]
+
+
+def _home_labels(row_ids: jax.Array, width: int, home: bool) -> jax.Array | float:
+    """SigLIP labels of a tile: +1 for matched pairs (only in the home block), -1 else."""
+    if not home:
+        return -1.0
+    return jnp.where(row_ids[:, None] == jnp.arange(width)[None, :], 1.0, -1.0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _clip_loss_ring(image_emb, text_emb, logit_scale, chunk_size=0):
+    return _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size)[0]
+
+
+def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
     """Loss plus the per-row and per-column log-sum-exps (the only residuals)."""
     _, axes, size = _ring_context()
     batch = image_emb.shape[0]
@@ -218,22 +258,39 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale):
     def body(image, text, log_scale):
         image, text = image.astype(jnp.float32), text.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
-        neg_inf = jnp.full((image.shape[0],), -jnp.inf, jnp.float32)
-        row_max, row_sum = neg_inf, jnp.zeros_like(neg_inf)
-        col_max, col_sum = neg_inf, jnp.zeros_like(neg_inf)
-        block = text
-        for step in range(size):
-            logits = scale * _tile(image, block)
-            new_row_max = jnp.maximum(row_max, logits.max(axis=1))
-            row_sum = row_sum * jnp.exp(row_max - new_row_max) + jnp.exp(
-                logits - new_row_max[:, None]
-            ).sum(axis=1)
-            row_max = new_row_max
+        local = image.shape[0]
+        chunks, valid = _row_chunks(image, chunk_size)
+
+        def tile_stats(block, col_stats, xs):
+            # One [chunk, b] piece of the tile: its rows are complete over this
+            # block; the block's column statistics are updated online.
+            col_max, col_sum = col_stats
+            chunk_rows, ok = xs
+            logits = scale * _tile(chunk_rows, block)
+            row_max = logits.max(axis=1)
+            row_sum = jnp.exp(logits - row_max[:, None]).sum(axis=1)
+            logits = jnp.where(ok[:, None], logits, -jnp.inf)
             new_col_max = jnp.maximum(col_max, logits.max(axis=0))
             col_sum = col_sum * jnp.exp(col_max - new_col_max) + jnp.exp(
                 logits - new_col_max[None, :]
             ).sum(axis=0)
-            col_max = new_col_max
+            return (new_col_max, col_sum), (row_max, row_sum)
+
+        # Built from the local rows, so that shard_map types them as per-device values.
+        neg_inf = jnp.full_like(image[:, 0], -jnp.inf)
+        row_max, row_sum = neg_inf, jnp.zeros_like(neg_inf)
+        col_max, col_sum = neg_inf, jnp.zeros_like(neg_inf)
+        block = text
+        for step in range(size):
+            (col_max, col_sum), (tile_max, tile_sum) = jax.lax.scan(
+                partial(tile_stats, block), (col_max, col_sum), (chunks, valid)
+            )
+            tile_max, tile_sum = _unchunk(tile_max, local), _unchunk(tile_sum, local)
+            new_row_max = jnp.maximum(row_max, tile_max)
+            row_sum = row_sum * jnp.exp(row_max - new_row_max) + tile_sum * jnp.exp(
+                tile_max - new_row_max
+            )
+            row_max = new_row_max
             if step < size - 1:
                 block, col_max, col_sum = _shift((block, col_max, col_sum), axes, size)
             else:  # the block is back home; only its column statistics must follow
@@ -241,8 +298,8 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale):
         row_lse = row_max + jnp.log(row_sum)
         col_lse = col_max + jnp.log(col_sum)
         matched = scale * jnp.sum(image * text, axis=1)
-        local = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
-        loss = jax.lax.psum(local, axes) / (2 * batch)
+        local_loss = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
+        loss = jax.lax.psum(local_loss, axes) / (2 * batch)
         return loss, row_lse, col_lse
 
     fn = _ring_fn(body, (rows, rows, P()), (P(), P(axes), P(axes)))
@@ -250,7 +307,7 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale):
     return loss, (image_emb, text_emb, logit_scale, row_lse, col_lse)
 
 
-def _clip_ring_backward(residuals, grad):
+def _clip_ring_backward(chunk_size, residuals, grad):
     image_emb, text_emb, logit_scale, row_lse, col_lse = residuals
     _, axes, size = _ring_context()
     batch = image_emb.shape[0]
@@ -261,18 +318,33 @@ def _clip_ring_backward(residuals, grad):
         image, text = image.astype(jnp.float32), text.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
         weight = grad / (2 * batch)  # dL/dlogits = weight * (row softmax + col softmax)
-        d_image = jnp.zeros_like(image)
+        local = image.shape[0]
+        chunks, valid = _row_chunks(image, chunk_size)
+        lse_chunks, _ = _row_chunks(row_lse, chunk_size)
+
+        def tile_grads(block, block_lse, d_block, xs):
+            chunk_rows, ok, chunk_lse = xs
+            logits = scale * _tile(chunk_rows, block)
+            d_logits = weight * (
+                jnp.exp(logits - chunk_lse[:, None])
+                + jnp.exp(logits - block_lse[None, :])
+            )
+            d_logits = jnp.where(ok[:, None], d_logits, 0.0)
+            d_rows = scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+            d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=_PRECISION)
+            return d_block, (d_rows, jnp.sum(d_logits * logits))
+
+        d_chunks = jnp.zeros_like(chunks)
         d_log_scale = jnp.zeros((), jnp.float32)
         block, block_lse, d_block = text, col_lse, jnp.zeros_like(text)
         for step in range(size):
-            logits = scale * _tile(image, block)
-            d_logits = weight * (
-                jnp.exp(logits - row_lse[:, None])
-                + jnp.exp(logits - block_lse[None, :])
+            d_block, (d_rows, d_scale_parts) = jax.lax.scan(
+                partial(tile_grads, block, block_lse),
+                d_block,
+                (chunks, valid, lse_chunks),
             )
-            d_image += scale * jnp.matmul(d_logits, block, precision=_PRECISION)
-            d_block += scale * jnp.matmul(d_logits.T, image, precision=_PRECISION)
-            d_log_scale += jnp.sum(d_logits * logits)
+            d_chunks += d_rows
+            d_log_scale += jnp.sum(d_scale_parts)
             if step < size - 1:
                 block, block_lse, d_block = _shift(
                     (block, block_lse, d_block), axes, size
@@ -280,7 +352,7 @@ def _clip_ring_backward(residuals, grad):
             else:
                 d_block = _shift(d_block, axes, size)
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
-        d_image -= 2 * weight * scale * text
+        d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
         d_text = d_block - 2 * weight * scale * image
         d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
         d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
@@ -293,12 +365,14 @@ def _clip_ring_backward(residuals, grad):
 _clip_loss_ring.defvjp(_clip_ring_forward, _clip_ring_backward)
 
 
-@jax.custom_vjp
-def _siglip_loss_ring(image_emb, text_emb, logit_scale, logit_bias):
-    return _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _siglip_loss_ring(image_emb, text_emb, logit_scale, logit_bias, chunk_size=0):
+    return _siglip_ring_forward(
+        image_emb, text_emb, logit_scale, logit_bias, chunk_size
+    )[0]
 
 
-def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias):
+def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_size):
     _, axes, size = _ring_context()
     batch = image_emb.shape[0]
     rows = P(axes, None)
@@ -307,13 +381,20 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias):
         image, text = image.astype(jnp.float32), text.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
         bias = bias.astype(jnp.float32)
-        total = jnp.zeros((), jnp.float32)
+        chunks, valid = _row_chunks(image, chunk_size)
+        row_ids, _ = _row_chunks(jnp.arange(image.shape[0]), chunk_size)
+        total = jnp.zeros_like(image[0, 0])  # per-device, like the rows it sums
         block = text
         for step in range(size):
-            logits = scale * _tile(image, block) + bias
-            # Only the home block (step 0) holds the matched pairs, on its diagonal.
-            labels = 2.0 * jnp.eye(image.shape[0]) - 1.0 if step == 0 else -1.0
-            total += jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+            def tile_loss(acc, xs, block=block, home=step == 0):
+                chunk_rows, ok, ids = xs
+                logits = scale * _tile(chunk_rows, block) + bias
+                labels = _home_labels(ids, block.shape[0], home)
+                terms = jnp.where(ok[:, None], jax.nn.log_sigmoid(labels * logits), 0.0)
+                return acc + jnp.sum(terms), None
+
+            total, _ = jax.lax.scan(tile_loss, total, (chunks, valid, row_ids))
             if step < size - 1:
                 block = _shift(block, axes, size)
         return -jax.lax.psum(total, axes) / batch
@@ -323,7 +404,7 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias):
     return loss, (image_emb, text_emb, logit_scale, logit_bias)
 
 
-def _siglip_ring_backward(residuals, grad):
+def _siglip_ring_backward(chunk_size, residuals, grad):
     image_emb, text_emb, logit_scale, logit_bias = residuals
     _, axes, size = _ring_context()
     batch = image_emb.shape[0]
@@ -334,24 +415,41 @@ def _siglip_ring_backward(residuals, grad):
         image, text = image.astype(jnp.float32), text.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
         bias32 = bias.astype(jnp.float32)
-        d_image = jnp.zeros_like(image)
+        local = image.shape[0]
+        chunks, valid = _row_chunks(image, chunk_size)
+        row_ids, _ = _row_chunks(jnp.arange(local), chunk_size)
+        d_chunks = jnp.zeros_like(chunks)
         d_log_scale = jnp.zeros((), jnp.float32)
         d_bias = jnp.zeros((), jnp.float32)
         block, d_block = text, jnp.zeros_like(text)
         for step in range(size):
-            similarity = _tile(image, block)
-            logits = scale * similarity + bias32
-            labels = 2.0 * jnp.eye(image.shape[0]) - 1.0 if step == 0 else -1.0
-            # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
-            d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
-            d_image += scale * jnp.matmul(d_logits, block, precision=_PRECISION)
-            d_block += scale * jnp.matmul(d_logits.T, image, precision=_PRECISION)
-            d_log_scale += scale * jnp.sum(d_logits * similarity)
-            d_bias += jnp.sum(d_logits)
+
+            def tile_grads(d_block, xs, block=block, home=step == 0):
+                chunk_rows, ok, ids = xs
+                similarity = _tile(chunk_rows, block)
+                logits = scale * similarity + bias32
+                labels = _home_labels(ids, block.shape[0], home)
+                # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
+                d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
+                d_logits = jnp.where(ok[:, None], d_logits, 0.0)
+                d_rows = scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+                d_block += scale * jnp.matmul(
+                    d_logits.T, chunk_rows, precision=_PRECISION
+                )
+                sums = (scale * jnp.sum(d_logits * similarity), jnp.sum(d_logits))
+                return d_block, (d_rows, sums)
+
+            d_block, (d_rows, (d_scale_parts, d_bias_parts)) = jax.lax.scan(
+                tile_grads, d_block, (chunks, valid, row_ids)
+            )
+            d_chunks += d_rows
+            d_log_scale += jnp.sum(d_scale_parts)
+            d_bias += jnp.sum(d_bias_parts)
             if step < size - 1:
                 block, d_block = _shift((block, d_block), axes, size)
             else:
                 d_block = _shift(d_block, axes, size)
+        d_image = _unchunk(d_chunks, local)
         d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
         d_bias = jax.lax.psum(d_bias, axes).astype(bias.dtype)
         return (

@@ -33,11 +33,16 @@ def _cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
-def _value_and_grads(loss_name: str, impl: str):
-    if loss_name == "clip":
-        loss = lambda i, t, s, b: losses.clip_loss(i, t, s, impl=impl)  # noqa: E731
-    else:
-        loss = lambda i, t, s, b: losses.siglip_loss(i, t, s, b, impl=impl)  # noqa: E731
+def _value_and_grads(loss_name: str, impl: str, chunk_size: int = 0):
+    def loss(image, text, log_scale, bias):
+        if loss_name == "clip":
+            return losses.clip_loss(
+                image, text, log_scale, impl=impl, chunk_size=chunk_size
+            )
+        return losses.siglip_loss(
+            image, text, log_scale, bias, impl=impl, chunk_size=chunk_size
+        )
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
 
@@ -83,6 +88,31 @@ def test_ring_equals_dense(mesh_shape, loss_name, dtype):
                     np.testing.assert_allclose(
                         got, want, atol=tol, err_msg=f"{case} {name} scale {scale}"
                     )
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_chunked_ring_equals_dense(loss_name):
+    """Chunks that divide the local batch of 4 (1, 2) and that do not (3)."""
+    mesh = sharding.make_mesh((4, 2, 1))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    dense = _value_and_grads(loss_name, "dense")
+    image, text = _cases()["duplicated"]
+    with jax.set_mesh(mesh):
+        args = (
+            jax.device_put(jnp.asarray(image, jnp.float32), rows),
+            jax.device_put(jnp.asarray(text, jnp.float32), rows),
+            jnp.float32(np.log(100.0)),
+            jnp.float32(-5.0),
+        )
+        want_loss, want_grads = dense(*args)
+        for chunk_size in (1, 2, 3):
+            ring = _value_and_grads(loss_name, "ring", chunk_size)
+            got_loss, got_grads = ring(*args)
+            np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+            for index, (got, want) in enumerate(zip(got_grads, want_grads)):
+                terms = 100.0 if index >= 2 else 100.0 / BATCH  # as in the test above
+                tol = 1e-5 * max(np.abs(want).max(), terms)
+                np.testing.assert_allclose(got, want, atol=tol, err_msg=str(chunk_size))
 
 
 def test_ring_needs_a_mesh():

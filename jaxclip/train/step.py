@@ -30,9 +30,14 @@ def contrastive_loss(
             out["logit_scale"],
             out["logit_bias"],
             impl=config.loss.impl,
+            chunk_size=config.loss.chunk_size,
         )
     return losses.clip_loss(
-        out["image_emb"], out["text_emb"], out["logit_scale"], impl=config.loss.impl
+        out["image_emb"],
+        out["text_emb"],
+        out["logit_scale"],
+        impl=config.loss.impl,
+        chunk_size=config.loss.chunk_size,
     )
 
 
