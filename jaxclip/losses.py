@@ -3,8 +3,9 @@
 Both losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
 learnable LOG of the logit scale. `impl` picks the implementation: "dense" builds the
 whole `[batch, batch]` logit matrix and is the reference; "ring" (below) never holds
-more than one `[local_batch, local_batch]` tile per device, runs under `jax.shard_map`
-over the batch axes of the mesh in context, and gives the same loss and gradients.
+more than a `[chunk_size, local_batch]` piece of the logits per device, runs under
+`jax.shard_map` over the batch axes of the mesh in context, and gives the same loss
+and gradients.
 
 Logits and their softmax / log-sigmoid statistics are always computed in float32,
 whatever the embedding dtype: at logit scale 100 a bf16 logit is off by up to 0.5.
