@@ -36,6 +36,7 @@ def test_demo_cli_end_to_end(tmp_path):
         "--config.log.every_steps=2",
         "--config.checkpoint.every_steps=2",
         "--config.eval.num_examples=48",
+        "--config.eval.every_steps=2",
         "--config.mesh.shape=(4,2,1)",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,7 +51,9 @@ def test_demo_cli_end_to_end(tmp_path):
         # Full precision: the logged float is exactly a float32 value, not rounded text.
         assert float(np.float32(record["loss"])) == record["loss"]
     zeroshot = [r for r in records if "zeroshot/top1" in r]
-    assert len(zeroshot) == 1 and 0.0 <= zeroshot[0]["zeroshot/top1"] <= 1.0
+    # Evaluated every 2 steps; the last periodic one also stands for the final one.
+    assert [r["step"] for r in zeroshot] == [2, 4]
+    assert all(0.0 <= r["zeroshot/top1"] <= 1.0 for r in zeroshot)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
     # TensorBoard can read the event files.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -122,6 +123,7 @@ def train_and_evaluate(
     train_step = make_train_step(config, model, tx, schedule, mesh, state_shardings)
     config_json = json.loads(config.to_json_best_effort())
     writer = MetricWriter(workdir, config.train.steps)
+    evaluate = make_evaluator(config, model, mesh)
 
     def save(state: Any, force: bool = False) -> None:
         step = int(state.step)
@@ -141,7 +143,7 @@ def train_and_evaluate(
                 jax.block_until_ready(step_metrics)
                 seconds = time.perf_counter() - compile_start
                 log(f"first step (compile + run) took {seconds:.1f}s")
-                writer.reset_timer()
+                writer.reset_timer(step)
             if step % config.log.every_steps == 0 or step == config.train.steps:
                 metrics = jax.device_get(step_metrics)
                 writer.write(step, metrics, batch_size=config.train.batch_size)
@@ -151,16 +153,16 @@ def train_and_evaluate(
             ):
                 save(state)
             if config.eval.every_steps and step % config.eval.every_steps == 0:
-                results = evaluate(config, model, state, mesh)
+                results = evaluate(state)
                 writer.write(step, results)
-                writer.reset_timer()
+                writer.reset_timer(step)
         save(state, force=True)
 
         # --- Evaluation at the end (unless it just ran at the last step).
         if not (
             config.eval.every_steps and int(state.step) % config.eval.every_steps == 0
         ):
-            results = evaluate(config, model, state, mesh)
+            results = evaluate(state)
             if results:
                 writer.write(int(state.step), results)
     finally:
@@ -169,28 +171,37 @@ def train_and_evaluate(
     return {**{k: float(np.asarray(v)) for k, v in metrics.items()}, **results}
 
 
-def evaluate(
-    config: ml_collections.ConfigDict, model: CLIP, state: Any, mesh: jax.sharding.Mesh
-) -> dict[str, float]:
-    """Zero-shot classification on held-out data (`eval.zeroshot`), if configured."""
+def make_evaluator(
+    config: ml_collections.ConfigDict, model: CLIP, mesh: jax.sharding.Mesh
+) -> Callable[[Any], dict[str, float]]:
+    """`evaluate(state)`: zero-shot classification on held-out data (`eval.zeroshot`).
+
+    The jitted encoders and the held-out images are made once, so a periodic
+    evaluation neither recompiles nor redraws its data.
+    """
     if not config.eval.zeroshot:
-        return {}
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+        return lambda state: {}
     encode_images, encode_texts = make_encode_fns(config, model, mesh)
-    size = model.config.vision.image_size
-    held_out = shapes.eval_set(config.seed, config.eval.num_examples, size)
-    classifier = zero_shot_classifier(
-        lambda tokens: encode_texts(variables, tokens),
-        shapes.class_names(),
-        shapes.ZEROSHOT_TEMPLATES,
-        model.config.text.context_length,
+    held_out = shapes.eval_set(
+        config.seed, config.eval.num_examples, model.config.vision.image_size
     )
-    accuracy = evaluate_zero_shot(
-        lambda images: encode_images(variables, images),
-        classifier,
-        held_out["images"],
-        held_out["label"],
-    )
-    return {f"zeroshot/{name}": value for name, value in accuracy.items()}
+
+    def evaluate(state: Any) -> dict[str, float]:
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        classifier = zero_shot_classifier(
+            lambda tokens: encode_texts(variables, tokens),
+            shapes.class_names(),
+            shapes.ZEROSHOT_TEMPLATES,
+            model.config.text.context_length,
+        )
+        accuracy = evaluate_zero_shot(
+            lambda images: encode_images(variables, images),
+            classifier,
+            held_out["images"],
+            held_out["label"],
+        )
+        return {f"zeroshot/{name}": value for name, value in accuracy.items()}
+
+    return evaluate

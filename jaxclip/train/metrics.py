@@ -61,9 +61,10 @@ class MetricWriter:
         self._tb.flush()
         print(format_line(step, self.total_steps, scalars), flush=True, file=sys.stdout)
 
-    def reset_timer(self) -> None:
-        """Forget the last timestamp (after a pause such as evaluation or compiling)."""
-        self._last_time = None
+    def reset_timer(self, step: int) -> None:
+        """Restart the throughput clock at `step`, after a pause (compiling, evaluating)
+        that should not count against samples/s."""
+        self._last_time, self._last_step = time.perf_counter(), step
 
     def close(self) -> None:
         if self.enabled:
