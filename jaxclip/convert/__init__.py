@@ -1,0 +1,20 @@
+"""Weights in and out: OpenAI CLIP, OpenCLIP and Hugging Face CLIPModel checkpoints.
+
+    weights = load_weights("open_clip_model.safetensors")   # or a dir, hf-hub:ORG/REPO
+    save_openclip(weights, "out/")                           # OpenCLIP local-dir
+    save_hf(weights, "out-hf/")                              # CLIPModel.from_pretrained
+
+The command line does the same: `python -m jaxclip.convert --from SRC --to DST`.
+"""
+
+from jaxclip.convert.files import Weights, load_weights, save_hf, save_openclip
+from jaxclip.convert.tensors import UnsafeFileError, read_tensors
+
+__all__ = [
+    "UnsafeFileError",
+    "Weights",
+    "load_weights",
+    "read_tensors",
+    "save_hf",
+    "save_openclip",
+]

@@ -1,0 +1,138 @@
+"""Reading the weights out of a jaxclip training checkpoint (orbax), without training.
+
+A checkpoint step holds `state` (params, optimizer state, BatchNorm statistics, step),
+`data` and `config`. Only `params` and `batch_stats` are read, as host NumPy arrays,
+so a checkpoint written on a TPU pod or 8 devices loads on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxclip.convert.openclip import abstract_variables
+from jaxclip.models.registry import ModelConfig, get_model_config
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointWeights:
+    """Weights and what the training config says about them."""
+
+    name: str
+    config: ModelConfig
+    variables: dict
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    step: int
+    path: str
+
+
+def _is_step_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(
+        os.path.join(path, "config")
+    )
+
+
+def find_step_dir(path: str) -> str | None:
+    """The newest complete step directory under a workdir, checkpoints dir or step dir.
+
+    Orbax writes a step into a temporary directory and renames it when complete, so
+    every directory whose name is a number is a complete step.
+    """
+    if _is_step_dir(path):
+        return path
+    for directory in (os.path.join(path, "checkpoints"), path):
+        if not os.path.isdir(directory):
+            continue
+        steps = [
+            int(name)
+            for name in os.listdir(directory)
+            if name.isdigit() and _is_step_dir(os.path.join(directory, name))
+        ]
+        if steps:
+            return os.path.join(directory, str(max(steps)))
+    return None
+
+
+def read_checkpoint(path: str) -> CheckpointWeights:
+    """Params and BatchNorm statistics of the newest step under `path`."""
+    step_dir = find_step_dir(path)
+    if step_dir is None:
+        raise FileNotFoundError(f"no jaxclip checkpoint step under {path}")
+    config_dict = _read_json(os.path.join(step_dir, "config"))
+    try:
+        name = config_dict["model"]["name"]
+        logit_bias = config_dict.get("loss", {}).get("name", "clip") == "siglip"
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{step_dir}/config has no model.name") from error
+    config = get_model_config(name)
+    abstract = abstract_variables(config, logit_bias)
+    target = {"params": abstract["params"]}
+    if abstract.get("batch_stats"):
+        target["batch_stats"] = abstract["batch_stats"]
+    # Host arrays: independent of the mesh and device count that saved them.
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target
+    )
+    checkpointer = ocp.PyTreeCheckpointer()
+    state_dir = os.path.join(step_dir, "state")
+    _check_shapes(checkpointer, state_dir, target, name)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax logs INFO/WARNING lines on every read
+    try:
+        variables = checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+        )
+    finally:
+        absl_logger.setLevel(level)
+    data = config_dict.get("data", {})
+    return CheckpointWeights(
+        name=name,
+        config=config,
+        variables=variables,
+        mean=tuple(data.get("mean", ())),
+        std=tuple(data.get("std", ())),
+        step=int(os.path.basename(step_dir)),
+        path=step_dir,
+    )
+
+
+def _read_json(item_dir: str) -> Any:
+    checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    return checkpointer.restore(item_dir)
+
+
+def _check_shapes(checkpointer: Any, state_dir: str, target: dict, name: str) -> None:
+    """A clear error when the saved arrays do not fit `name`'s architecture."""
+    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    expected = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(target)
+    }
+    found = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {key: saved[key] for key in target if key in saved}
+        )
+    }
+    problems = [f"missing {key}" for key in expected if key not in found]
+    problems += [
+        f"{key}: saved {list(found[key])}, {name} has {list(shape)}"
+        for key, shape in expected.items()
+        if key in found and found[key] != shape
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint {state_dir} does not match model.name={name!r}:\n  "
+            + "\n  ".join(problems[:8])
+        )

@@ -1,0 +1,119 @@
+"""Reading and writing flat `{name: array}` weight files: safetensors and torch files.
+
+`.safetensors` files are read with NumPy and never import torch. `.pt`/`.bin`/`.pth`
+files go through `torch.load(..., weights_only=True)` only: a file that needs Python's
+pickle (arbitrary objects) or is a TorchScript archive is refused with a message that
+says how to turn it into a plain state dict where it is trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+
+import numpy as np
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+class UnsafeFileError(ValueError):
+    """A weights file that only Python's pickle (or TorchScript) could read."""
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: array} from a .safetensors file (no torch) or a weights-only torch file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if path.endswith(TORCH_SUFFIXES):
+        return _read_torch(path)
+    raise ValueError(
+        f"{path}: unknown weights format; expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
+    )
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"reading {path} needs torch; install it, or convert the file to "
+            ".safetensors, which loads without torch"
+        ) from error
+    recipe = (
+        "If you trust the file, turn it into safetensors once in PyTorch:\n"
+        "    import torch, safetensors.torch\n"
+        "    sd = {k: v.contiguous() for k, v in STATE_DICT.items()}\n"
+        "    safetensors.torch.save_file(sd, 'model.safetensors')\n"
+    )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        raise UnsafeFileError(
+            f"{path} needs Python's pickle to load (it holds objects other than "
+            f"tensors, containers and numbers), and jaxclip reads torch files with "
+            f"torch.load(weights_only=True) only. torch said: {first_line}\n"
+            + recipe.replace("STATE_DICT", "torch.load(PATH, weights_only=False)")
+        ) from error
+    except RuntimeError as error:
+        if "TorchScript" not in str(error):
+            raise
+        raise UnsafeFileError(
+            f"{path} is a TorchScript archive (the format of OpenAI's original "
+            "CLIP releases). torch.load(weights_only=True) cannot read it and "
+            "jaxclip does not run torch.jit.load on files it is given.\n"
+            + recipe.replace(
+                "STATE_DICT", "torch.jit.load(PATH, map_location='cpu').state_dict()"
+            )
+            + "or load OpenCLIP's safetensors copy of the OpenAI weights "
+            "(e.g. hf-hub:timm/vit_base_patch32_clip_224.openai)."
+        ) from error
+    # Training checkpoints wrap the weights: {"state_dict": {...}, "epoch": ...}.
+    if isinstance(checkpoint, Mapping) and isinstance(
+        checkpoint.get("state_dict"), Mapping
+    ):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict"
+        )
+    tensors = {}
+    for key, value in checkpoint.items():
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bfloat16:
+                value = value.float()
+            tensors[key] = value.detach().cpu().numpy()
+        elif isinstance(value, (int, float)):
+            tensors[key] = np.asarray(value)  # e.g. OpenAI's `input_resolution`
+    # DataParallel / DistributedDataParallel prefix every key with "module.".
+    if tensors and all(key.startswith("module.") for key in tensors):
+        tensors = {key[len("module.") :]: value for key, value in tensors.items()}
+    return tensors
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write {name: array}; metadata `format: pt` lets PyTorch tools accept the file."""
+    from safetensors.numpy import save_file
+
+    arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    save_file(arrays, os.fspath(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def as_float32(value: np.ndarray, key: str) -> np.ndarray:
+    """A parameter as float32 (files may hold float16 or bfloat16); refuse non-floats."""
+    value = np.asarray(value)
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise ValueError(f"{key}: expected floating-point weights, got {value.dtype}")
+    return value.astype(np.float32)
