@@ -308,6 +308,15 @@ def save_hf(weights: Weights, directory: str | os.PathLike) -> list[str]:
     tokenizer files (`transformers.CLIPModel.from_pretrained(DIR)` loads it)."""
     directory = os.fspath(directory)
     config = weights.config
+    if config.vision.is_resnet:
+        raise ValueError(
+            "Hugging Face CLIPModel has no ResNet image tower; use the OpenCLIP format"
+        )
+    if weights.logit_bias:
+        raise ValueError(
+            "this model has a SigLIP logit bias, which HF CLIPModel cannot hold; "
+            "use the OpenCLIP format"
+        )
     hf_state = hf.openclip_to_hf(openclip.to_openclip(weights.variables, config))
     logit_scale = float(np.asarray(weights.variables["params"]["logit_scale"]))
     settings = hf.hf_config(config, logit_scale)
