@@ -225,7 +225,8 @@ def _infer_hf(tensors: Mapping[str, np.ndarray], what: str) -> ModelConfig:
                 f"cannot infer the architecture of the {what}: {key} is missing"
             )
         stand_in[shape] = tensors[key]
-    stand_in["text_projection"] = stand_in["text_projection"].T
+    # HF stores the projection as a Linear weight [embed, width]; OpenCLIP [width, embed].
+    stand_in["text_projection"] = np.empty(np.shape(stand_in["text_projection"])[::-1])
     for i in range(text_layers):
         stand_in[f"transformer.resblocks.{i}.x"] = None
     for i in range(vision_layers):

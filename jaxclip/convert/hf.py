@@ -130,10 +130,10 @@ def openclip_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
             )
         names, kind = _rule(key)
         if kind == "transpose":
-            out[names[0]] = np.ascontiguousarray(value.T)
+            out[names[0]] = np.asarray(value.T, order="C")
         elif kind == "qkv":
             for name, part in zip(names, np.split(value, 3, axis=0)):
-                out[name] = np.ascontiguousarray(part)
+                out[name] = np.asarray(part, order="C")
         else:
             out[names[0]] = value
     return out

@@ -231,7 +231,7 @@ def from_openclip(
     for (collection, path), values in stacks.items():
         is_stack = "resblocks" in path
         value = np.stack(values) if is_stack else values[0]
-        flat.setdefault(collection, {})[path] = np.ascontiguousarray(value)
+        flat.setdefault(collection, {})[path] = np.asarray(value, order="C")
     return {
         collection: traverse_util.unflatten_dict(leaves)
         for collection, leaves in flat.items()
@@ -257,7 +257,7 @@ def to_openclip(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray
             ) from error
         if entry.layer is not None:
             value = value[entry.layer]
-        state_dict[entry.key] = np.ascontiguousarray(_TO_TORCH[entry.kind](value))
+        state_dict[entry.key] = np.asarray(_TO_TORCH[entry.kind](value), order="C")
         if _is_batch_norm(entry):
             # torch's BatchNorm counts its updates; jaxclip keeps no counter.
             counter = entry.key.replace("running_mean", "num_batches_tracked")

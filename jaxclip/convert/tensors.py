@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -54,7 +55,11 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         "    safetensors.torch.save_file(sd, 'model.safetensors')\n"
     )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns that it would hand a TorchScript archive to torch.jit.load;
+            # with weights_only=True it raises instead (handled below).
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error) else ""
         raise UnsafeFileError(
@@ -107,7 +112,7 @@ def write_safetensors(
     """Write {name: array}; metadata `format: pt` lets PyTorch tools accept the file."""
     from safetensors.numpy import save_file
 
-    arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    arrays = {key: np.asarray(value, order="C") for key, value in tensors.items()}
     save_file(arrays, os.fspath(path), metadata={"format": "pt", **(metadata or {})})
 
 

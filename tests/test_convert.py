@@ -1,0 +1,343 @@
+"""Weights in and out without a PyTorch reference: round trips through every format,
+architecture inference for every registered model, and the errors users see."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from convert_util import assert_trees_equal
+
+import jaxclip
+from jaxclip.config import base_config
+from jaxclip.convert import (
+    UnsafeFileError,
+    Weights,
+    load_weights,
+    openclip,
+    read_tensors,
+    save_hf,
+    save_openclip,
+)
+from jaxclip.convert import files as convert_files
+from jaxclip.convert import hf as convert_hf
+from jaxclip.convert.__main__ import main as convert_main
+from jaxclip.convert.checkpoint import read_checkpoint
+from jaxclip.convert.tensors import write_safetensors
+from jaxclip.models.registry import MODELS, get_model_config, list_models
+from jaxclip.train.checkpoint import Checkpointer
+from jaxclip.train.state import TrainState, make_optimizer
+
+
+def randomised(variables: dict, seed: int) -> dict:
+    """Every leaf replaced by random values (BatchNorm variances positive)."""
+    leaves, treedef = jax.tree.flatten(variables)
+    rng = np.random.default_rng(seed)
+    new = [rng.uniform(0.5, 1.5, np.shape(x)).astype(np.float32) for x in leaves]
+    return jax.tree.unflatten(treedef, new)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> Weights:
+    """SigLIP-style tiny ViT (with a logit bias), random values everywhere."""
+    config = get_model_config("tiny-vit")
+    variables = randomised(openclip.abstract_variables(config, logit_bias=True), 0)
+    return Weights(config, variables, "tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def tiny_rn() -> Weights:
+    """Tiny ResNet CLIP with random params and BatchNorm statistics."""
+    config = get_model_config("tiny-rn")
+    return Weights(
+        config, randomised(openclip.abstract_variables(config), 1), "tiny-rn"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Round trips: export -> import gives the same bits.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny_vit", "tiny_rn"])
+def test_openclip_directory_round_trip(which, request, tmp_path):
+    weights = request.getfixturevalue(which)
+    paths = save_openclip(weights, tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "open_clip_model.safetensors",
+        "open_clip_config.json",
+    ]
+    loaded = load_weights(tmp_path)
+    assert loaded.name == weights.name and loaded.config == weights.config
+    assert loaded.logit_bias == weights.logit_bias
+    assert_trees_equal(weights.variables, loaded.variables)
+    # The state dict holds torch's BatchNorm counters (OpenCLIP loads strictly).
+    tensors = read_tensors(paths[0])
+    counters = [k for k in tensors if k.endswith("num_batches_tracked")]
+    assert len(counters) == (
+        len(jax.tree.leaves(weights.variables.get("batch_stats", {}))) // 2
+    )
+
+
+def test_hf_directory_round_trip(tmp_path):
+    config = get_model_config("tiny-vit")
+    weights = Weights(
+        config, randomised(openclip.abstract_variables(config), 2), "tiny-vit"
+    )
+    save_hf(weights, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= names
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= names
+    loaded = load_weights(tmp_path)
+    assert loaded.name == "tiny-vit"
+    assert_trees_equal(weights.variables, loaded.variables)
+
+
+def test_torch_files_round_trip(tiny_rn, tmp_path):
+    torch = pytest.importorskip("torch")
+    state_dict = {
+        key: torch.from_numpy(np.array(value))
+        for key, value in openclip.to_openclip(
+            tiny_rn.variables, tiny_rn.config
+        ).items()
+    }
+    # A bare state dict, and a DistributedDataParallel training checkpoint.
+    torch.save(state_dict, tmp_path / "plain.pt")
+    wrapped = {
+        "epoch": 3,
+        "state_dict": {f"module.{k}": v for k, v in state_dict.items()},
+    }
+    torch.save(wrapped, tmp_path / "epoch_3.pt")
+    for name in ("plain.pt", "epoch_3.pt"):
+        with pytest.warns(UserWarning, match="does not record its activation"):
+            loaded = load_weights(tmp_path / name)
+        assert loaded.name == "tiny-rn"
+        assert_trees_equal(tiny_rn.variables, loaded.variables)
+
+
+def test_checkpoint_exports_round_trip(tiny_rn, tmp_path, capsys):
+    """A training checkpoint (as the trainer writes it) -> OpenCLIP / CLI -> back."""
+    config = base_config()
+    config.model.name = "tiny-rn"
+    params = tiny_rn.variables["params"]
+    state = TrainState(
+        step=jnp.asarray(7, jnp.int32),
+        params=params,
+        opt_state=make_optimizer(config).init(params),
+        batch_stats=tiny_rn.variables["batch_stats"],
+    )
+    workdir = tmp_path / "workdir"
+    checkpointer = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    config_json = json.loads(config.to_json_best_effort())
+    checkpointer.save(7, state, {"index": 0}, config_json, force=True)
+    checkpointer.close()
+
+    restored = read_checkpoint(str(workdir))
+    assert restored.step == 7 and restored.name == "tiny-rn"
+    assert_trees_equal(tiny_rn.variables, restored.variables)
+
+    assert convert_main(["--from", str(workdir), "--to", str(tmp_path / "oc")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert_trees_equal(tiny_rn.variables, load_weights(tmp_path / "oc").variables)
+
+    with pytest.raises(ValueError, match="holds model.name='tiny-rn', not 'tiny-vit'"):
+        load_weights(workdir, name="tiny-vit")
+    # A ResNet has no HF counterpart: the CLI says so and exits with status 2.
+    assert (
+        convert_main(
+            ["--from", str(workdir), "--to", str(tmp_path / "hf"), "--format", "hf"]
+        )
+        == 2
+    )
+    assert "no ResNet image tower" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Architecture inference: every registered model, from shapes alone.
+# ---------------------------------------------------------------------------
+
+
+def _shape_dict(shapes: dict) -> dict:
+    return {
+        key: jax.ShapeDtypeStruct(shape, jnp.float32) for key, shape in shapes.items()
+    }
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if "quickgelu" not in n])
+def test_architecture_is_inferred_from_shapes(name):
+    config = get_model_config(name)
+    entries = openclip.layout(config)
+    tensors = _shape_dict({e.key: e.torch_shape for e in entries})
+    openclip.check_keys(tensors, {e.key: e.torch_shape for e in entries}, name)
+    inferred = openclip.infer_config(tensors)
+    for quick_gelu in (False, True):
+        resolved, registered = openclip.resolve_config(
+            inferred, None, quick_gelu=quick_gelu, heads_known=False, what=name
+        )
+        expected = dataclasses.replace(config, quick_gelu=quick_gelu)
+        assert resolved == expected  # heads (e.g. ViT-H-14's 80-wide) from the registry
+        variant = f"{name}-quickgelu" if quick_gelu else name
+        assert registered == (variant if variant in MODELS else None)
+    # The OpenCLIP config JSON we write describes the same architecture.
+    assert openclip.config_from_openclip(openclip.openclip_model_cfg(config)) == config
+    if not config.vision.is_resnet:
+        hf_shapes = _shape_dict(convert_hf.expected_hf_shapes(config))
+        assert openclip._shapes_only(convert_files._infer_hf(hf_shapes, name)) == (
+            openclip._shapes_only(config)
+        )
+        hf_config = convert_hf.hf_config(config, 2.0)
+        assert convert_hf.config_from_hf(json.loads(json.dumps(hf_config))) == config
+
+
+def test_openai_marker_keys_mean_quickgelu(tiny_vit, tmp_path):
+    config = get_model_config("tiny-vit")
+    variables = {
+        "params": {
+            k: v for k, v in tiny_vit.variables["params"].items() if k != "logit_bias"
+        }
+    }
+    tensors = openclip.to_openclip(variables, config)
+    tensors.update(
+        input_resolution=np.asarray(32),
+        context_length=np.asarray(16),
+        vocab_size=np.asarray(49408),
+    )
+    write_safetensors(tmp_path / "openai.safetensors", tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: QuickGELU is known
+        loaded = load_weights(tmp_path / "openai.safetensors")
+    assert loaded.config.quick_gelu and "OpenAI" in loaded.source
+    # Asking for the GELU variant is allowed, with a warning.
+    with pytest.warns(UserWarning, match="records quick_gelu=True"):
+        load_weights(tmp_path / "openai.safetensors", name="tiny-vit")
+
+
+def test_unregistered_architecture_loads_with_a_warning(tmp_path):
+    config = dataclasses.replace(
+        get_model_config("tiny-vit"),
+        embed_dim=24,
+        vision=dataclasses.replace(get_model_config("tiny-vit").vision, width=192),
+    )
+    variables = randomised(openclip.abstract_variables(config), 3)
+    write_safetensors(
+        tmp_path / "w.safetensors", openclip.to_openclip(variables, config)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_weights(tmp_path / "w.safetensors")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "64-wide heads" in messages and "does not record its activation" in messages
+    assert loaded.name is None and loaded.config.vision.heads == 3
+    assert_trees_equal(variables, loaded.variables)
+
+
+# ---------------------------------------------------------------------------
+# Errors: mismatches, unsafe files, unsupported options.
+# ---------------------------------------------------------------------------
+
+
+def test_mismatches_are_listed(tiny_vit, tmp_path):
+    tensors = openclip.to_openclip(tiny_vit.variables, tiny_vit.config)
+    del tensors["visual.transformer.resblocks.1.ln_2.bias"]
+    tensors["visual.extra_head.weight"] = np.zeros(3, np.float32)
+    tensors["visual.proj"] = tensors["visual.proj"][:, :10]
+    write_safetensors(tmp_path / "bad.safetensors", tensors)
+    with pytest.raises(ValueError) as error:
+        load_weights(tmp_path / "bad.safetensors", name="tiny-vit")
+    message = str(error.value)
+    assert "does not match tiny-vit" in message
+    assert "1 missing keys:\n    visual.transformer.resblocks.1.ln_2.bias" in message
+    assert "1 unexpected keys:\n    visual.extra_head.weight" in message
+    assert "visual.proj: file [128, 10], expected [128, 64]" in message
+
+
+def test_wrong_architecture_name_is_refused(tiny_rn, tmp_path):
+    save_openclip(tiny_rn, tmp_path)
+    with pytest.raises(ValueError, match=r"missing keys:\n    visual.class_embedding"):
+        load_weights(tmp_path, name="tiny-vit")
+    with pytest.raises(ValueError, match="is not a registered architecture"):
+        load_weights(tmp_path, name="RN51")
+
+
+def test_pickle_and_torchscript_files_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    # A Fraction is harmless, but only Python's pickle can rebuild it.
+    torch.save({"weights": torch.zeros(2), "ratio": Fraction(1, 3)}, tmp_path / "p.pt")
+    with pytest.raises(
+        UnsafeFileError, match=r"needs Python's pickle.*weights_only=True"
+    ):
+        read_tensors(tmp_path / "p.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        script = torch.jit.script(torch.nn.Linear(2, 2))
+    script.save(str(tmp_path / "openai.pt"))
+    with pytest.raises(UnsafeFileError, match="TorchScript archive"):
+        load_weights(tmp_path / "openai.pt")
+
+
+def test_safetensors_load_without_torch(tiny_vit, tmp_path, monkeypatch):
+    save_openclip(tiny_vit, tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    assert_trees_equal(tiny_vit.variables, load_weights(tmp_path).variables)
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(ImportError, match="needs torch"):
+        read_tensors(tmp_path / "w.pt")
+
+
+def test_unsupported_openclip_options_are_refused():
+    model_cfg = openclip.openclip_model_cfg(get_model_config("ViT-B-32"))
+    model_cfg["vision_cfg"]["attentional_pool"] = True
+    with pytest.raises(ValueError, match="vision_cfg.attentional_pool=True"):
+        openclip.config_from_openclip(model_cfg)
+    model_cfg["vision_cfg"] = {"timm_model_name": "convnext_base"}
+    with pytest.raises(ValueError, match="timm or Hugging Face towers"):
+        openclip.config_from_openclip(model_cfg)
+
+
+def test_unknown_paths_say_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a jaxclip checkpoint"):
+        load_weights(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_weights(tmp_path / "missing.safetensors")
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="unknown weights format"):
+        load_weights(tmp_path / "w.npz")
+
+
+def test_hf_hub_downloads_only_what_it_reads(tiny_vit, tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    repo = tmp_path / "repo"
+    save_openclip(tiny_vit, repo)
+    (repo / "model.safetensors").write_bytes(b"timm's copy, not read")
+    fetched = []
+
+    def hf_hub_download(repo_id, filename):
+        assert repo_id == "org/name"
+        fetched.append(filename)
+        return str(repo / filename)
+
+    monkeypatch.setattr(
+        huggingface_hub,
+        "list_repo_files",
+        lambda repo_id: [p.name for p in repo.iterdir()],
+    )
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    loaded = load_weights("hf-hub:org/name")
+    assert sorted(fetched) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert_trees_equal(tiny_vit.variables, loaded.variables)
+
+
+def test_load_returns_a_ready_model(tiny_vit, tmp_path):
+    save_openclip(tiny_vit, tmp_path)
+    model, variables, preprocess, tokenizer = jaxclip.load(tmp_path)
+    assert model.name == "tiny-vit" and preprocess.image_size == 32
+    assert tokenizer("a cat").shape == (1, 16)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables))
+    assert_trees_equal(tiny_vit.variables, jax.device_get(variables))
