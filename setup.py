@@ -26,14 +26,22 @@ setup(
         "pillow",
         "ftfy",
         "regex",
+        "grain>=0.2.18",  # input pipelines (pulls array_record on Linux)
+        "tokenizers>=0.19",  # the CLIP tokenizer's fast path
         "tensorboardX>=2.6",
     ],
     extras_require={
+        # Reading and converting tfds datasets; TensorFlow itself is not needed.
+        "tfds": ["tensorflow-datasets>=4.9.10", "array_record"],
+        "sentencepiece": ["sentencepiece>=0.2"],  # SigLIP-style tokenizers
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
             "tensorboard>=2.15",
             "ruff",
+            "tensorflow-datasets>=4.9.10",
+            "array_record",
+            "sentencepiece>=0.2",
         ],
     },
 )

@@ -13,7 +13,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
+from jaxclip.data.transforms import (
+    CROPS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OPENAI_MEAN,
+    OPENAI_STD,
+)
 from jaxclip.models.layers import REMAT_POLICIES
 from jaxclip.models.registry import get_model_config
 from jaxclip.sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape
@@ -36,8 +41,25 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "shapes"
-    config.data.path = ""  # shards / files for real data sources
+    config.data.source = "shapes"  # shapes | webdataset | csv | tfds | mix
+    config.data.path = ""  # tar shards, a CSV/TSV file, or a tfds dataset name
+    config.data.mix = ()  # source='mix': ((source, path, weight), ...)
+    config.data.csv_image_column = "filepath"  # image paths, relative to the file
+    config.data.csv_caption_column = "title"
+    config.data.csv_separator = ""  # "": tab for .tsv, comma otherwise
+    config.data.tfds_data_dir = ""
+    config.data.tfds_split = "train"
+    config.data.tfds_image_key = "image"
+    config.data.tfds_caption_key = "caption"
+    config.data.crop = "random_square"  # random_square | random_resized | center
+    config.data.crop_scale = (0.9, 1.0)  # random_resized: area fraction range
+    config.data.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # more: skipped as a bomb
+    config.data.tokenizer = "clip"  # clip | sentencepiece
+    config.data.tokenizer_model = ""  # sentencepiece: the .model file
+    config.data.shuffle = True  # a new order each epoch, from the seed
+    config.data.threads = 4  # decoding threads per process (or per worker)
+    config.data.workers = 0  # worker processes (0: threads in the main process)
+    config.data.prefetch = 2  # batches prepared ahead
     config.data.mean = OPENAI_MEAN
     config.data.std = OPENAI_STD
 
@@ -97,7 +119,7 @@ def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = ("dense", "ring")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("shapes",)
+DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "mix")
 
 
 class ConfigError(ValueError):
@@ -134,6 +156,7 @@ def validate_config(
         raise ConfigError("optim.weight_decay and optim.grad_clip_norm must be >= 0")
     if len(config.data.mean) != 3 or len(config.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
+    validate_data_config(config)
 
     try:
         mesh_shape = resolve_mesh_shape(config.mesh.shape, jax.device_count())
@@ -152,6 +175,86 @@ def validate_config(
         )
     if workdir is not None:
         check_workdir(workdir)
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+    """The data fields, and that every file they name exists (an error at start)."""
+    from jaxclip.data.tokenizer import TOKENIZERS
+
+    data = config.data
+    _check_choice(data.crop, "data.crop", CROPS)
+    _check_choice(data.tokenizer, "data.tokenizer", TOKENIZERS)
+    for field in ("data.threads", "data.workers", "data.prefetch"):
+        _non_negative_int(config, field)
+    _positive_int(config, "data.max_image_pixels")
+    low, high = (tuple(data.crop_scale) + (None, None))[:2]
+    if len(data.crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ConfigError(
+            f"data.crop_scale={tuple(data.crop_scale)!r} must be (low, high) with "
+            "0 < low <= high <= 1"
+        )
+    if data.tokenizer == "sentencepiece" and not os.path.isfile(data.tokenizer_model):
+        raise ConfigError(
+            f"data.tokenizer='sentencepiece' needs data.tokenizer_model, a "
+            f"SentencePiece .model file; {data.tokenizer_model!r} does not exist"
+        )
+    if data.source == "shapes":
+        return
+    if data.source == "mix":
+        entries = tuple(data.mix)
+        if not entries:
+            raise ConfigError(
+                "data.source='mix' needs data.mix=((source, path, weight), ...)"
+            )
+        for entry in entries:
+            if len(entry) != 3 or entry[0] not in DATA_SOURCES[:4]:
+                raise ConfigError(
+                    f"data.mix entry {entry!r} must be (source, path, weight) with a "
+                    f"source in {list(DATA_SOURCES[:4])}"
+                )
+            if not float(entry[2]) > 0:
+                raise ConfigError(f"data.mix entry {entry!r}: the weight must be > 0")
+    else:
+        entries = ((data.source, data.path, 1.0),)
+    for kind, path, _ in entries:
+        _check_data_path(kind, path, config)
+
+
+def _check_data_path(kind: str, path: str, config: ml_collections.ConfigDict) -> None:
+    """Refuse a missing file now rather than in a worker after compiling."""
+    from jaxclip.data.sources import expand_paths
+
+    if kind == "shapes":
+        return
+    if not path:
+        raise ConfigError(
+            f"data.source={kind!r} needs data.path ("
+            + {
+                "webdataset": "tar shards: a list, a brace pattern or a directory",
+                "csv": "a CSV or TSV file",
+                "tfds": "a tfds dataset name, with data.tfds_data_dir",
+            }[kind]
+            + ")"
+        )
+    try:
+        if kind == "webdataset":
+            expand_paths(path, ".tar")
+        elif kind == "csv":
+            expand_paths(path, ".csv")
+        else:
+            _check_tfds_dir(path, config.data.tfds_data_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.source={kind!r}, data.path={path!r}: {e}") from None
+
+
+def _check_tfds_dir(name: str, data_dir: str) -> None:
+    """The prepared dataset's directory must exist (tfds names it data_dir/name)."""
+    if data_dir and not os.path.isdir(
+        os.path.join(data_dir, name.split(":")[0].split("/")[0])
+    ):
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in data.tfds_data_dir={data_dir!r}"
+        )
 
 
 def check_workdir(workdir: str) -> None:

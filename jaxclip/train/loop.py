@@ -17,7 +17,7 @@ import numpy as np
 from jaxclip import sharding
 from jaxclip.config import validate_config
 from jaxclip.data import shapes
-from jaxclip.data.pipeline import make_train_iterator
+from jaxclip.data.pipeline import describe_skipped, make_train_iterator
 from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
@@ -145,8 +145,11 @@ def train_and_evaluate(
                 log(f"first step (compile + run) took {seconds:.1f}s")
                 writer.reset_timer(step)
             if step % config.log.every_steps == 0 or step == config.train.steps:
-                metrics = jax.device_get(step_metrics)
+                # Skipped bad samples (data/skipped...) join the step's metrics.
+                metrics = {**jax.device_get(step_metrics), **train_iter.metrics()}
                 writer.write(step, metrics, batch_size=config.train.batch_size)
+                if metrics.get("data/skipped"):
+                    log(describe_skipped(metrics))
             if (
                 config.checkpoint.every_steps
                 and step % config.checkpoint.every_steps == 0
@@ -168,6 +171,7 @@ def train_and_evaluate(
     finally:
         writer.close()
         checkpointer.close()
+        train_iter.close()  # stops the pipeline's worker processes
     return {**{k: float(np.asarray(v)) for k, v in metrics.items()}, **results}
 
 

@@ -1,0 +1,146 @@
+"""Random access into webdataset tar shards: an index of each sample's member offsets.
+
+A webdataset shard (the layout img2dataset writes) is a plain, uncompressed tar in
+which the files of one sample sit next to each other and share a key: `000123.jpg`,
+`000123.txt`, `000123.json`. Reading the 512-byte headers once gives every member's
+data offset and size, so a sample can later be read with one `pread`, in any order.
+That is what lets the pipeline shuffle globally and resume exactly, instead of
+streaming shards and restarting at epoch boundaries.
+
+Problems found while indexing are kept as samples with a reason, so they are counted
+when the pipeline reaches them, like any other bad sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tarfile
+
+import numpy as np
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+
+# Reasons a sample is skipped, the same for every source; the pipeline counts them.
+BAD_REASONS: tuple[str, ...] = (
+    "missing_image",  # no image member in the sample, or the image file is missing
+    "not_an_image",  # the image member / file is not an image PIL can identify
+    "corrupt_image",  # identified, but fails to decode (truncated or corrupt data)
+    "decompression_bomb",  # more pixels than data.max_image_pixels
+    "missing_caption",  # no caption member / cell
+    "empty_caption",  # a caption that is empty or only whitespace
+    "bad_caption_encoding",  # a caption that is not valid UTF-8
+    "truncated_tar",  # the shard breaks mid-stream; the sample in progress is lost
+    "read_error",  # an OSError while reading a file that was there at the start
+)
+NO_PROBLEM = -1
+
+# webdataset's rule: the key is the path up to the first dot of the file name.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample of one tar shard lives; all arrays are [num_samples]."""
+
+    path: str
+    keys: np.ndarray  # bytes (dtype 'S')
+    image_offset: np.ndarray  # int64 data offsets; -1 where missing
+    image_size: np.ndarray  # int64
+    caption_offset: np.ndarray  # int64; -1 where missing
+    caption_size: np.ndarray  # int64
+    problem: np.ndarray  # int8: index into BAD_REASONS, or NO_PROBLEM
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """('dir/000123', 'jpg') for 'dir/000123.jpg'; None for a name without extension."""
+    match = _KEY_AND_EXTENSION.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def index_tar(path: str) -> ShardIndex:
+    """Read every member header of an uncompressed tar and group members by key.
+
+    A tar that breaks (a header or member cut off, a corrupt header) keeps the
+    samples before the break; the sample in progress becomes one `truncated_tar`
+    record, so the break is counted rather than silently shortening the shard.
+    """
+    file_size = os.path.getsize(path)
+    samples: list[list] = []  # [key, image_offset, image_size, cap_offset, cap_size]
+    broken, broken_key = None, ""
+    with open(path, "rb") as stream:
+        try:
+            # Uncompressed only ("r:"): a compressed tar cannot be read at an offset.
+            with tarfile.open(fileobj=stream, mode="r:") as tar:
+                for member in tar:
+                    if member.offset_data + member.size > file_size:
+                        broken = f"member {member.name!r} ends past the end of the file"
+                        broken_key = (split_key(member.name) or (member.name,))[0]
+                        break
+                    if not member.isfile():
+                        continue
+                    parts = split_key(member.name)
+                    if parts is None:
+                        continue
+                    key, extension = parts
+                    if not samples or samples[-1][0] != key:
+                        _start_sample(samples, key)
+                    sample = samples[-1]
+                    if extension in IMAGE_EXTENSIONS and sample[1] < 0:
+                        sample[1:3] = member.offset_data, member.size
+                    elif extension == CAPTION_EXTENSION and sample[3] < 0:
+                        sample[3:5] = member.offset_data, member.size
+                else:
+                    # tarfile stops quietly at a header cut short; the bytes after
+                    # the last member must be the zero blocks that end an archive.
+                    end = tar.offset
+                    stream.seek(end)
+                    if stream.read(file_size - end).strip(b"\0"):
+                        broken = f"data after byte {end} is not a tar header"
+        except (tarfile.TarError, EOFError, OSError) as error:
+            broken = f"{type(error).__name__}: {error}"
+    problem = np.full(len(samples), NO_PROBLEM, np.int8)
+    for row, (_, image_offset, _, caption_offset, _) in enumerate(samples):
+        if image_offset < 0:
+            problem[row] = BAD_REASONS.index("missing_image")
+        elif caption_offset < 0:
+            problem[row] = BAD_REASONS.index("missing_caption")
+    if broken is not None:
+        log.warning(
+            "tar shard %s is broken (%s); the samples before the break are used",
+            path,
+            broken,
+        )
+        # The sample in progress is lost; if the last one is whole, the break
+        # still counts once, as a record of its own.
+        last = samples[-1] if samples else None
+        if last is None or (last[1] >= 0 and last[3] >= 0):
+            _start_sample(samples, broken_key)
+            problem = np.append(problem, np.int8(NO_PROBLEM))
+        problem[-1] = BAD_REASONS.index("truncated_tar")
+    columns = list(zip(*samples)) if samples else [[]] * 5
+    return ShardIndex(
+        path=path,
+        keys=np.array(
+            [key.encode("utf-8", "surrogateescape") for key in columns[0]], dtype="S"
+        )
+        if samples
+        else np.zeros(0, "S1"),
+        image_offset=np.array(columns[1], np.int64),
+        image_size=np.array(columns[2], np.int64),
+        caption_offset=np.array(columns[3], np.int64),
+        caption_size=np.array(columns[4], np.int64),
+        problem=problem,
+    )
+
+
+def _start_sample(samples: list[list], key: str) -> None:
+    samples.append([key, -1, 0, -1, 0])
