@@ -103,3 +103,173 @@ def test_missing_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=tokenizer.BPE_SHA256) as error:
         tokenizer.SimpleTokenizer(missing)
     assert str(missing) in str(error.value)
+
+
+# --- The fast path (FastTokenizer, behind `tokenize`) against the reference.
+
+# More ids from outside this package: open_clip 3.3.0's SimpleTokenizer.encode (the
+# same algorithm and merges as OpenAI's; none of these strings holds special tokens).
+OPEN_CLIP_IDS = {
+    "Tom &amp;amp; Jerry's 3 cats!": [2435, 261, 9164, 568, 274, 3989, 256],
+    "naïve café — 東京 🐱🐶": [
+        1097,
+        35689,
+        563,
+        15304,
+        2005,
+        48338,
+        21078,
+        361,
+        35710,
+        10631,
+    ],
+    "HELLO\tworld\n\nagain": [3306, 1002, 1495],
+    "ﬁne ligature": [3797, 19915, 4490],  # ftfy undoes the ligature
+    "cafÃ©": [15304],  # ftfy repairs the mojibake: "café"
+    "A 4K photo, f/2.8 @ 50mm": [320, 275, 330, 1125, 267, 325, 270, 273, 269, 279, 287]
+    + [276, 271, 2848],
+    "https://example.com/x?a=1&b=2": [30901, 12441, 6228, 269, 2464, 270, 343, 286]
+    + [320, 284, 272, 261, 321, 284, 273],
+}
+
+CORPUS = [
+    *KNOWN_IDS,
+    *OPEN_CLIP_IDS,
+    "",
+    " ",
+    "\n\t ",
+    "a photo of a CAT.",
+    "Ünïcödé àccents: éèêë ñ ç ø å ß",
+    "emoji 🐱🐶🎉👩‍👩‍👧 and flags 🇫🇷",
+    "numbers 1234567890 3.14159 -42 1e10 ½ ² ٣",
+    "html &lt;b&gt;bold&lt;/b&gt; &amp;amp; &#x27;quoted&#x27; &nbsp; &copy;",
+    "&amp;amp;amp; triple escaped",
+    "中文字符 日本語のテキスト 한국어 текст на русском ελληνικά עברית العربية",
+    "control\x00chars\x07here\x0bvertical\x1b[31mred\x1b[0m\x7f",
+    "line\r\nbreaks\rand\u2028separators\u00a0nbsp",
+    "it's THEY'RE we'VE i'M you'll he'D 'S",
+    "<|startoftext|>inside<|endoftext|> and !<|endoftext|>",
+    "punctuation!!! ??? ... --- *** (((nested))) [x] {y}",
+    "curly “quotes” and ‘apostrophes’ — dashes – …",
+    "ﬁ ﬂ ligatures and ＦＵＬＬＷＩＤＴＨ text",
+    "a" * 500,
+    "supercalifragilisticexpialidocious " * 40,
+    " ".join(f"word{n}" for n in range(300)),
+]
+
+
+@pytest.fixture(scope="module")
+def fast_tokenizer() -> tokenizer.FastTokenizer:
+    return tokenizer.default_fast_tokenizer()
+
+
+@pytest.mark.parametrize(("text", "ids"), {**KNOWN_IDS, **OPEN_CLIP_IDS}.items())
+def test_known_ids_both_paths(simple_tokenizer, fast_tokenizer, text, ids):
+    assert fast_tokenizer.encode(text) == ids
+    assert simple_tokenizer.encode(text) == ids
+
+
+def test_fast_equals_reference_on_a_varied_corpus(simple_tokenizer, fast_tokenizer):
+    for text in CORPUS:
+        assert fast_tokenizer.encode(text) == simple_tokenizer.encode(text), repr(text)
+    # Whole rows (SOT, EOT, truncation, padding) at several context lengths, batched.
+    for context_length in (2, 5, 16, 77):
+        expected = np.zeros((len(CORPUS), context_length), np.int32)
+        for row, text in enumerate(CORPUS):
+            ids = [SOT_TOKEN, *simple_tokenizer.encode(text), EOT_TOKEN][
+                :context_length
+            ]
+            ids[-1] = EOT_TOKEN
+            expected[row, : len(ids)] = ids
+        got = tokenizer.tokenize(CORPUS, context_length)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_fast_equals_reference_on_random_strings(simple_tokenizer):
+    # A fresh FastTokenizer: nothing remembered from other tests.
+    fast = tokenizer.FastTokenizer()
+    pieces = [
+        *"abcXYZ019 .,!?-_'&;#<>|\t\n\r\x0b\x0c\x1f\x00",
+        *["&amp;", "&lt;", "&#39;", "é", "ü", "ß", "İ", "🐱", "東", "\u00a0", "\u2028"],
+        *["\x1b[1m", "ﬁ", "’", "Ã©", "<|endoftext|>", "'s", "'LL", "\x85", "\ufeff"],
+    ]
+    rng = np.random.default_rng(0)
+    texts = [
+        "".join(rng.choice(pieces, size=rng.integers(0, 25)).tolist())
+        for _ in range(1500)
+    ]
+    got = fast.encode_batch(texts)
+    for text, ids in zip(texts, got):
+        assert ids == simple_tokenizer.encode(text), repr(text)
+
+
+def test_ascii_shortcut_cleans_like_ftfy_and_html():
+    rng = np.random.default_rng(1)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "\r", "\x0c"]
+    for _ in range(1000):
+        text = "".join(rng.choice(alphabet, size=rng.integers(0, 40)).tolist())
+        assert tokenizer.fast_clean_text(text) == tokenizer.clean_text(text), repr(text)
+
+
+def test_public_tokenize_like_open_clip():
+    import jaxclip
+
+    tokens = jaxclip.tokenize(["a diagram", "a dog", "a cat"])
+    assert tokens.shape == (3, 77) and tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens[1, :4], [SOT_TOKEN, 320, 1929, EOT_TOKEN])
+    assert jaxclip.tokenize("a dog").shape == (1, 77)
+    assert jaxclip.tokenize([], context_length=8).shape == (0, 8)
+
+
+# --- SentencePiece (SigLIP-style text towers), with a model trained here.
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory) -> str:
+    import sentencepiece
+
+    sentences = [
+        f"a {size} {colour} {shape} on a {place}"
+        for size in ("small", "big", "tiny")
+        for colour in ("red", "green", "blue", "yellow")
+        for shape in ("cat", "dog", "house", "car")
+        for place in ("table", "street", "beach")
+    ]
+    prefix = str(tmp_path_factory.mktemp("sp") / "tiny")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=30,
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    return prefix + ".model"
+
+
+def test_sentencepiece_rows(sentencepiece_model):
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    sp = tokenizer.SentencePieceTokenizer(sentencepiece_model)
+    assert (sp.eos_id, sp.pad_id, sp.vocab_size) == (2, 0, 30)
+    texts = ["A Red_Cat, on the TABLE!", "", "a big blue house " * 10]
+    rows = sp(texts, context_length=40)
+    assert rows.shape == (3, 40) and rows.dtype == np.int32
+    # OpenCLIP's SigLIP cleaning: '_' -> space, punctuation gone, lower case.
+    ids = processor.encode("a red cat on the table")
+    assert len(ids) < 39
+    np.testing.assert_array_equal(rows[0, : len(ids) + 1], [*ids, 2])
+    assert (rows[0, len(ids) + 1 :] == 0).all()
+    np.testing.assert_array_equal(rows[1], [2] + [0] * 39)  # empty: just EOS
+    long_ids = processor.encode(tokenizer.canonicalize_text(texts[2]))
+    assert len(long_ids) > 40
+    np.testing.assert_array_equal(rows[2], [*long_ids[:39], 2])  # EOS kept last
+
+
+def test_sentencepiece_missing_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        tokenizer.SentencePieceTokenizer(tmp_path / "nope.model")
