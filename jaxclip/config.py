@@ -212,15 +212,19 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
                     f"data.mix entry {entry!r} must be (source, path, weight) with a "
                     f"source in {list(DATA_SOURCES[:4])}"
                 )
-            if not float(entry[2]) > 0:
+            if not isinstance(entry[2], (int, float)) or not entry[2] > 0:
                 raise ConfigError(f"data.mix entry {entry!r}: the weight must be > 0")
+        for number, (kind, path, _) in enumerate(entries):
+            _check_data_path(
+                kind, path, config, f"data.mix[{number}]=({kind!r}, {path!r})"
+            )
     else:
-        entries = ((data.source, data.path, 1.0),)
-    for kind, path, _ in entries:
-        _check_data_path(kind, path, config)
+        _check_data_path(data.source, data.path, config, f"data.source={data.source!r}")
 
 
-def _check_data_path(kind: str, path: str, config: ml_collections.ConfigDict) -> None:
+def _check_data_path(
+    kind: str, path: str, config: ml_collections.ConfigDict, field: str
+) -> None:
     """Refuse a missing file now rather than in a worker after compiling."""
     from jaxclip.data.sources import expand_paths
 
