@@ -232,7 +232,8 @@ def _check_data_path(
         return
     if not path:
         raise ConfigError(
-            f"data.source={kind!r} needs data.path ("
+            f"{field} needs "
+            + ("a path (" if field.startswith("data.mix") else "data.path (")
             + {
                 "webdataset": "tar shards: a list, a brace pattern or a directory",
                 "csv": "a CSV or TSV file",
@@ -248,7 +249,8 @@ def _check_data_path(
         else:
             _check_tfds_dir(path, config.data.tfds_data_dir)
     except FileNotFoundError as e:
-        raise ConfigError(f"data.source={kind!r}, data.path={path!r}: {e}") from None
+        where = field if field.startswith("data.mix") else f"data.path={path!r}"
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_tfds_dir(name: str, data_dir: str) -> None:
