@@ -94,6 +94,23 @@ def open_clip() -> types.ModuleType:
     return package
 
 
+def random_variables(config, seed: int, logit_bias: bool = False) -> dict:
+    """Random variables of `config`, made without running the model's init: weights
+    and biases normal(0, 0.05), gains and BatchNorm variances uniform(0.5, 1.5)."""
+    from jaxclip.convert.openclip import abstract_variables
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if jax.tree_util.keystr(path).endswith(("['var']", "['scale']")):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(
+        draw, abstract_variables(config, logit_bias)
+    )
+
+
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from convert_util import assert_trees_equal
+from convert_util import assert_trees_equal, random_variables
 
 import jaxclip
 from jaxclip.config import base_config
@@ -36,19 +36,11 @@ from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.state import TrainState, make_optimizer
 
 
-def randomised(variables: dict, seed: int) -> dict:
-    """Every leaf replaced by random values (BatchNorm variances positive)."""
-    leaves, treedef = jax.tree.flatten(variables)
-    rng = np.random.default_rng(seed)
-    new = [rng.uniform(0.5, 1.5, np.shape(x)).astype(np.float32) for x in leaves]
-    return jax.tree.unflatten(treedef, new)
-
-
 @pytest.fixture(scope="module")
 def tiny_vit() -> Weights:
     """SigLIP-style tiny ViT (with a logit bias), random values everywhere."""
     config = get_model_config("tiny-vit")
-    variables = randomised(openclip.abstract_variables(config, logit_bias=True), 0)
+    variables = random_variables(config, 0, logit_bias=True)
     return Weights(config, variables, "tiny-vit")
 
 
@@ -56,9 +48,7 @@ def tiny_vit() -> Weights:
 def tiny_rn() -> Weights:
     """Tiny ResNet CLIP with random params and BatchNorm statistics."""
     config = get_model_config("tiny-rn")
-    return Weights(
-        config, randomised(openclip.abstract_variables(config), 1), "tiny-rn"
-    )
+    return Weights(config, random_variables(config, 1), "tiny-rn")
 
 
 # ---------------------------------------------------------------------------
@@ -88,9 +78,7 @@ def test_openclip_directory_round_trip(which, request, tmp_path):
 
 def test_hf_directory_round_trip(tmp_path):
     config = get_model_config("tiny-vit")
-    weights = Weights(
-        config, randomised(openclip.abstract_variables(config), 2), "tiny-vit"
-    )
+    weights = Weights(config, random_variables(config, 2), "tiny-vit")
     save_hf(weights, tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json"} <= names
@@ -225,7 +213,7 @@ def test_unregistered_architecture_loads_with_a_warning(tmp_path):
         embed_dim=24,
         vision=dataclasses.replace(get_model_config("tiny-vit").vision, width=192),
     )
-    variables = randomised(openclip.abstract_variables(config), 3)
+    variables = random_variables(config, 3)
     write_safetensors(
         tmp_path / "w.safetensors", openclip.to_openclip(variables, config)
     )
