@@ -29,6 +29,7 @@ setup(
         "grain>=0.2.18",  # input pipelines (pulls array_record on Linux)
         "tokenizers>=0.19",  # the CLIP tokenizer's fast path
         "tensorboardX>=2.6",
+        "safetensors>=0.4",  # weights in and out, read with NumPy (no torch needed)
     ],
     extras_require={
         # Reading and converting tfds datasets; TensorFlow itself is not needed.
@@ -39,6 +40,15 @@ setup(
             "pytest-xdist>=3",
             "tensorboard>=2.15",
             "ruff",
+            # Parity with the PyTorch originals, the HF round trip and the notebook.
+            # OpenCLIP stays out: its wheel pulls a CUDA torch (its tests skip).
+            "torch==2.13.0",
+            "transformers>=4.45",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "matplotlib",
+            "scikit-image",
             "tensorflow-datasets>=4.9.10",
             "array_record",
             "sentencepiece>=0.2",
