@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 from grain.experimental import ThreadPrefetchIterDataset, index_shuffle
+from grain.multiprocessing import SharedMemoryArray
 
 from jaxclip.data import shapes
 from jaxclip.data.sources import (
@@ -135,6 +136,12 @@ class _SkipAndBatch(grain.IterDataset):
         self._tokenizer = tokenizer
         self._context_length = context_length
         self._max_bad_in_a_row = max_bad_in_a_row
+        self._shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        """Called by grain in worker processes: images go out in shared memory
+        instead of being pickled through a pipe."""
+        self._shared_memory = True
 
     def __iter__(self) -> _SkipAndBatchIterator:
         return _SkipAndBatchIterator(
@@ -143,6 +150,7 @@ class _SkipAndBatch(grain.IterDataset):
             self._tokenizer,
             self._context_length,
             self._max_bad_in_a_row,
+            self._shared_memory,
         )
 
     def __str__(self) -> str:
@@ -150,13 +158,22 @@ class _SkipAndBatch(grain.IterDataset):
 
 
 class _SkipAndBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size, tokenizer, context_length, max_bad_in_a_row):
+    def __init__(
+        self,
+        parent,
+        batch_size,
+        tokenizer,
+        context_length,
+        max_bad_in_a_row,
+        shared_memory,
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._tokenizer = tokenizer
         self._context_length = context_length
         # An all-bad stream would otherwise spin forever: give up, with the counts.
         self._max_bad_in_a_row = max_bad_in_a_row
+        self._shared_memory = shared_memory
 
     def __next__(self) -> dict[str, Any]:
         images, captions, keys = [], [], []
@@ -178,8 +195,11 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
             images.append(sample["image"])
             captions.append(sample["caption"])
             keys.append(sample["key"])
+        out = None
+        if self._shared_memory:
+            out = SharedMemoryArray((len(images), *images[0].shape), images[0].dtype)
         return {
-            "images": np.stack(images),  # uint8 [local batch, H, W, 3]
+            "images": np.stack(images, out=out),  # uint8 [local batch, H, W, 3]
             "tokens": self._tokenizer(captions, self._context_length),  # int32 [b, L]
             "keys": np.array(keys),
             "skipped": skipped,  # int64 [len(BAD_REASONS)]
