@@ -216,8 +216,12 @@ def _from_hf(
 
 def _infer_hf(tensors: Mapping[str, np.ndarray], what: str) -> ModelConfig:
     """The architecture of an HF state dict without config.json, from its shapes."""
-    text_layers = openclip._count(tensors, r"text_model\.encoder\.layers\.(\d+)\.")
-    vision_layers = openclip._count(tensors, r"vision_model\.encoder\.layers\.(\d+)\.")
+    text_layers = openclip.count_indices(
+        tensors, r"text_model\.encoder\.layers\.(\d+)\."
+    )
+    vision_layers = openclip.count_indices(
+        tensors, r"vision_model\.encoder\.layers\.(\d+)\."
+    )
     stand_in = {}
     for key, shape in _HF_SHAPE_KEYS.items():
         if key not in tensors:

@@ -270,7 +270,7 @@ def to_openclip(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray
 # ---------------------------------------------------------------------------
 
 
-def _count(tensors: Iterable[str], pattern: str) -> int:
+def count_indices(tensors: Iterable[str], pattern: str) -> int:
     found = {m.group(1) for k in tensors if (m := re.match(pattern, k))}
     return len(found)
 
@@ -300,7 +300,7 @@ def infer_config(
         )
     vocab_size, text_width = _require(tensors, "token_embedding.weight", what)
     context_length = _require(tensors, "positional_embedding", what)[0]
-    text_layers = _count(tensors, r"transformer\.resblocks\.(\d+)\.")
+    text_layers = count_indices(tensors, r"transformer\.resblocks\.(\d+)\.")
     text_mlp = _require(tensors, "transformer.resblocks.0.mlp.c_fc.weight", what)[0]
     embed_dim = _require(tensors, "text_projection", what)[1]
     text = TextConfig(
@@ -314,7 +314,8 @@ def infer_config(
     if "visual.attnpool.positional_embedding" in tensors:
         width = _require(tensors, "visual.layer1.0.conv1.weight", what)[0]
         stages = tuple(
-            _count(tensors, rf"visual\.layer{stage}\.(\d+)\.") for stage in (1, 2, 3, 4)
+            count_indices(tensors, rf"visual\.layer{stage}\.(\d+)\.")
+            for stage in (1, 2, 3, 4)
         )
         tokens = _require(tensors, "visual.attnpool.positional_embedding", what)[0]
         grid = round((tokens - 1) ** 0.5)
@@ -328,7 +329,7 @@ def infer_config(
         ]
         vision = VisionConfig(
             image_size=grid * patch,
-            layers=_count(tensors, r"visual\.transformer\.resblocks\.(\d+)\."),
+            layers=count_indices(tensors, r"visual\.transformer\.resblocks\.(\d+)\."),
             width=width,
             patch_size=patch,
             mlp_ratio=mlp / width,
