@@ -35,38 +35,55 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ImageLike = Any  # a path, a PIL image, or a NumPy array [H, W] / [H, W, C]
 
 
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
 class Preprocess:
-    """Image -> uint8 [S, S, 3]: resize (bicubic) and centre-crop as OpenCLIP does.
+    """Image -> uint8 [S, S, 3]: resize and centre-crop as OpenCLIP does.
 
     `resize_mode="shortest"` scales the shorter side to S and crops the centre;
-    `"squash"` resizes to S x S without keeping the aspect ratio.
+    `"squash"` resizes to S x S without keeping the aspect ratio. `interpolation` is
+    "bicubic" (OpenAI's and most OpenCLIP models') or "bilinear".
     """
 
-    def __init__(self, image_size: int, resize_mode: str = "shortest"):
+    def __init__(
+        self,
+        image_size: int,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
+    ):
         if resize_mode not in ("shortest", "squash"):
             raise ValueError(
                 f"resize_mode={resize_mode!r}; expected shortest or squash"
             )
+        if interpolation not in _RESAMPLE:
+            raise ValueError(
+                f"interpolation={interpolation!r}; expected one of {sorted(_RESAMPLE)}"
+            )
         self.image_size = image_size
         self.resize_mode = resize_mode
+        self.interpolation = interpolation
 
     def __call__(self, image: ImageLike) -> np.ndarray:
-        size = self.image_size
+        size, resample = self.image_size, _RESAMPLE[self.interpolation]
         image = to_pil(image)
         if self.resize_mode == "squash":
-            return np.asarray(image.resize((size, size), Image.BICUBIC))
+            return np.asarray(image.resize((size, size), resample))
         # torchvision's Resize(size) then CenterCrop(size), rounding as they do.
         width, height = image.size
         short, long = sorted((width, height))
         new_long = int(size * long / short)
         new_size = (size, new_long) if width <= height else (new_long, size)
-        image = image.resize(new_size, Image.BICUBIC)
+        image = image.resize(new_size, resample)
         left = int(round((new_size[0] - size) / 2.0))
         top = int(round((new_size[1] - size) / 2.0))
         return np.asarray(image.crop((left, top, left + size, top + size)))
 
     def __repr__(self) -> str:
-        return f"Preprocess(image_size={self.image_size}, resize_mode={self.resize_mode!r})"
+        return (
+            f"Preprocess(image_size={self.image_size}, resize_mode={self.resize_mode!r}, "
+            f"interpolation={self.interpolation!r})"
+        )
 
 
 def to_pil(image: ImageLike) -> Image.Image:
@@ -122,13 +139,16 @@ class InferenceModel:
         mean: Sequence[float] = OPENAI_MEAN,
         std: Sequence[float] = OPENAI_STD,
         resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
         dtype: Any = jnp.float32,
         batch_size: int = 64,
     ):
         self.config = config
         self.name = name
         self.module = CLIP(config, logit_bias=logit_bias, dtype=jnp.dtype(dtype))
-        self.preprocess = Preprocess(config.vision.image_size, resize_mode)
+        self.preprocess = Preprocess(
+            config.vision.image_size, resize_mode, interpolation
+        )
         self.tokenizer = Tokenizer(config.text.context_length)
         self.batch_size = batch_size
         module, mean, std = self.module, tuple(mean), tuple(std)
@@ -344,6 +364,7 @@ def load(
         mean=weights.mean,
         std=weights.std,
         resize_mode=weights.resize_mode,
+        interpolation=weights.interpolation,
         dtype=dtype,
         batch_size=batch_size,
     )

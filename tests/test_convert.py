@@ -48,7 +48,8 @@ def tiny_vit() -> Weights:
 def tiny_rn() -> Weights:
     """Tiny ResNet CLIP with random params and BatchNorm statistics."""
     config = get_model_config("tiny-rn")
-    return Weights(config, random_variables(config, 1), "tiny-rn")
+    variables = random_variables(config, 1)
+    return Weights(config, variables, "tiny-rn", mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 # ---------------------------------------------------------------------------
@@ -67,6 +68,10 @@ def test_openclip_directory_round_trip(which, request, tmp_path):
     loaded = load_weights(tmp_path)
     assert loaded.name == weights.name and loaded.config == weights.config
     assert loaded.logit_bias == weights.logit_bias
+    settings = ("mean", "std", "resize_mode", "interpolation")
+    assert [getattr(loaded, k) for k in settings] == [
+        getattr(weights, k) for k in settings
+    ]
     assert_trees_equal(weights.variables, loaded.variables)
     # The state dict holds torch's BatchNorm counters (OpenCLIP loads strictly).
     tensors = read_tensors(paths[0])

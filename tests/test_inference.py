@@ -77,6 +77,8 @@ def test_bad_images_are_refused():
         preprocess(np.zeros((40, 40, 3), np.int64))
     with pytest.raises(ValueError, match="resize_mode"):
         Preprocess(32, resize_mode="stretch")
+    with pytest.raises(ValueError, match="interpolation"):
+        Preprocess(32, interpolation="lanczos")
 
 
 # ---------------------------------------------------------------------------

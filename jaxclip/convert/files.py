@@ -49,6 +49,7 @@ class Weights:
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
     resize_mode: str = "shortest"  # "shortest" (resize + centre crop) or "squash"
+    interpolation: str = "bicubic"
     source: str = ""
 
     @property
@@ -180,6 +181,7 @@ def _from_openclip(
         mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
         std=tuple(preprocess.get("std", OPENAI_STD)),
         resize_mode=preprocess.get("resize_mode", "shortest"),
+        interpolation=preprocess.get("interpolation", "bicubic"),
         source=what,
     )
 
@@ -298,7 +300,7 @@ def save_openclip(weights: Weights, directory: str | os.PathLike) -> list[str]:
             "size": weights.config.vision.image_size,
             "mean": list(weights.mean),
             "std": list(weights.std),
-            "interpolation": "bicubic",
+            "interpolation": weights.interpolation,
             "resize_mode": weights.resize_mode,
         },
     }
