@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from convert_util import assert_trees_equal, max_abs_diff, transformers_clip
+from convert_util import (
+    assert_trees_equal,
+    max_abs_diff,
+    random_variables,
+    transformers_clip,
+)
 
 import jaxclip
 from jaxclip.convert import hf, load_weights, openclip, save_hf
@@ -153,8 +158,8 @@ def test_vit_b32_shape_matches_transformers():
 def test_export_loads_in_transformers_and_round_trips(tmp_path):
     clip = transformers_clip()
     model = jaxclip.create_model("tiny-vit")
-    variables = jaxclip_variables = model.init(seed=3)
-    weights = Weights(model.config, variables, "tiny-vit")
+    jaxclip_variables = random_variables(model.config, seed=3)
+    weights = Weights(model.config, jaxclip_variables, "tiny-vit")
     save_hf(weights, tmp_path)
 
     # transformers reads the directory as is, and computes the same outputs.

@@ -16,7 +16,7 @@ from jaxclip.inference import Preprocess
 
 @pytest.fixture(scope="module")
 def tiny():
-    """tiny-vit with batches of 4 (so 6 inputs take two batches, the last one padded)."""
+    """tiny-vit with batches of 4 (so 7 inputs take two batches, the last one padded)."""
     model = jaxclip.create_model("tiny-vit", batch_size=4)
     return model, model.init(seed=0)
 
@@ -112,11 +112,11 @@ def test_image_inputs_agree(tiny, tmp_path):
 
 def test_batches_equal_one_at_a_time(tiny):
     model, variables = tiny
-    images = photos(6)
-    batched = model.encode_image(variables, images)  # batches of 4 and 2 (padded)
+    images = photos(7)
+    batched = model.encode_image(variables, images)  # batches of 4 and 3 (padded to 4)
     single = np.concatenate([model.encode_image(variables, image) for image in images])
     np.testing.assert_allclose(batched, single, atol=1e-6)
-    texts = [f"a photo of a number {i}" for i in range(6)]
+    texts = [f"a photo of a number {i}" for i in range(7)]
     batched = model.encode_text(variables, texts)
     single = np.concatenate([model.encode_text(variables, text) for text in texts])
     np.testing.assert_allclose(batched, single, atol=1e-6)
