@@ -163,7 +163,9 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path):
     save_hf(weights, tmp_path)
 
     # transformers reads the directory as is, and computes the same outputs.
-    hf_model = clip.CLIPModel.from_pretrained(tmp_path).eval()
+    hf_model, info = clip.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    hf_model.eval()
     images, tokens = inputs(32, 16)
     assert_parity(
         hf_outputs(hf_model, images, tokens),
