@@ -135,6 +135,9 @@ def test_checkpoint_exports_round_trip(tiny_rn, tmp_path, capsys):
     restored = read_checkpoint(str(workdir))
     assert restored.step == 7 and restored.name == "tiny-rn"
     assert_trees_equal(tiny_rn.variables, restored.variables)
+    model, variables, _, _ = jaxclip.load(workdir / "checkpoints" / "7")
+    assert model.name == "tiny-rn"
+    assert_trees_equal(tiny_rn.variables, jax.device_get(variables))
 
     assert convert_main(["--from", str(workdir), "--to", str(tmp_path / "oc")]) == 0
     assert "wrote" in capsys.readouterr().out
