@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 256  # global, over all devices and processes
     config.train.steps = 1000
+    config.train.accum_steps = 1  # micro-batches per step, exact (GradCache)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 5e-4
@@ -136,7 +137,12 @@ def validate_config(
     _check_choice(config.loss.name, "loss.name", LOSS_NAMES)
     _check_choice(config.loss.impl, "loss.impl", LOSS_IMPLS)
     _check_choice(config.data.source, "data.source", DATA_SOURCES)
-    for field in ("train.batch_size", "train.steps", "log.every_steps"):
+    for field in (
+        "train.batch_size",
+        "train.steps",
+        "train.accum_steps",
+        "log.every_steps",
+    ):
         _positive_int(config, field)
     for field in (
         "checkpoint.every_steps",
@@ -167,6 +173,13 @@ def validate_config(
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is not divisible by the "
             f"{batch_shards} batch shards of mesh.shape={mesh_shape} (axes {BATCH_AXES})"
+        )
+    per_shard = config.train.batch_size // batch_shards
+    if per_shard % config.train.accum_steps:
+        raise ConfigError(
+            f"train.accum_steps={config.train.accum_steps} does not divide the "
+            f"per-shard batch of {per_shard} (train.batch_size="
+            f"{config.train.batch_size} over {batch_shards} batch shards)"
         )
     if config.train.batch_size % jax.process_count():
         raise ConfigError(

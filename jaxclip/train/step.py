@@ -41,6 +41,157 @@ def contrastive_loss(
     )
 
 
+def _full_batch_grads(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    variables: dict[str, Any],
+    images: jax.Array,
+    tokens: jax.Array,
+):
+    """Loss, parameter gradients, model outputs and new batch stats in one pass."""
+
+    def loss_fn(params):
+        out, mutated = model.apply(
+            {**variables, "params": params},
+            images,
+            tokens,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return contrastive_loss(config, out), (out, mutated)
+
+    (loss, (out, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"]
+    )
+    return (
+        loss,
+        grads,
+        out,
+        mutated.get("batch_stats", variables.get("batch_stats", {})),
+    )
+
+
+TEMPERATURE_PARAMS = ("logit_scale", "logit_bias")
+
+
+def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
+    """`[B, ...] -> [k, B/k, ...]`; micro-batch i holds rows i, i+k, i+2k, ...
+
+    Every device's contiguous shard of rows splits into k strided micro-batches of its
+    own, so the split moves no data between devices.
+    """
+    micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    micro = jnp.swapaxes(micro, 0, 1)
+    return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro`: `[k, B/k, ...] -> [B, ...]` in the original order."""
+    merged = jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+    return nn.with_logical_constraint(merged, ("batch",) + (None,) * (x.ndim - 2))
+
+
+def gradcache_grads(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    variables: dict[str, Any],
+    images: jax.Array,
+    tokens: jax.Array,
+    accum_steps: int,
+):
+    """Exact gradient accumulation over `accum_steps` micro-batches (GradCache).
+
+    1. Embed every micro-batch without keeping activations.
+    2. Take the loss over the full batch, and its gradient with respect to the
+       embeddings and the temperature (and bias): the negatives are the full batch's.
+    3. Re-run each micro-batch under `jax.vjp` with its slice of the embedding
+       gradient as the cotangent, and sum the parameter gradients.
+
+    Peak activation memory is one micro-batch's; the cost is one extra forward pass.
+    The temperature's gradient comes from step 2 only, so it is counted once. With
+    BatchNorm (ResNets) each micro-batch normalises with its own statistics, as in
+    any accumulation scheme, and the running statistics are updated k times.
+    Returns `(loss, grads, outputs, batch_stats)` like the one-pass step.
+    """
+    params = variables["params"]
+    micro_images = _split_micro(images, accum_steps)  # [k, B/k, H, W, 3]
+    micro_tokens = _split_micro(tokens, accum_steps)  # [k, B/k, L]
+    unrolled = not getattr(model, "scan", True)
+
+    def embed(params, batch_stats, micro_batch):
+        micro_images, micro_tokens = micro_batch
+        extra = {"batch_stats": batch_stats} if batch_stats else {}
+        out, mutated = model.apply(
+            {"params": params, **extra},
+            micro_images,
+            micro_tokens,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        embeddings = (out["image_emb"], out["text_emb"])
+        return embeddings, mutated.get("batch_stats", batch_stats)
+
+    # 1. Embeddings of all micro-batches; nothing is kept for a backward pass.
+    def embed_step(batch_stats, micro_batch):
+        embeddings, batch_stats = embed(params, batch_stats, micro_batch)
+        return batch_stats, embeddings
+
+    start_stats = variables.get("batch_stats", {})
+    batch_stats, (image_emb, text_emb) = _loop(
+        embed_step, start_stats, (micro_images, micro_tokens), unrolled
+    )
+
+    # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
+    def full_loss(image_emb, text_emb, temperature):
+        out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
+        return contrastive_loss(config, out)
+
+    temperature = {k: params[k] for k in TEMPERATURE_PARAMS if k in params}
+    image_emb, text_emb = _merge_micro(image_emb), _merge_micro(text_emb)
+    loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
+        full_loss, argnums=(0, 1, 2)
+    )(image_emb, text_emb, temperature)
+    d_image = _split_micro(d_image, accum_steps)
+    d_text = _split_micro(d_text, accum_steps)
+
+    # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
+    # passed in only matter for their structure: training-mode BatchNorm normalises
+    # with the micro-batch's own statistics, exactly as in step 1.
+    def backward_step(grads, xs):
+        micro_batch, cotangent = xs
+        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, micro_batch)[0], params)
+        (micro_grads,) = vjp_fn(cotangent)
+        return jax.tree.map(jnp.add, grads, micro_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = _loop(
+        backward_step,
+        zeros,
+        ((micro_images, micro_tokens), (d_image, d_text)),
+        unrolled,
+    )
+    grads = {**grads, **d_temperature}  # the towers never touch the temperature
+    out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
+    return loss, grads, out, batch_stats
+
+
+def _loop(step: Callable, carry: Any, xs: Any, unrolled: bool):
+    """`lax.scan(step, carry, xs)`, or the same loop in Python when `unrolled`.
+
+    Multi-device XLA:CPU can deadlock on collectives inside a while loop, so the
+    unrolled form is used wherever the model's own layers are unrolled.
+    """
+    if not unrolled:
+        return jax.lax.scan(step, carry, xs)
+    outputs = []
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
+        carry, out = step(carry, jax.tree.map(lambda x, i=i: x[i], xs))
+        outputs.append(out)
+    if outputs[0] is None:
+        return carry, None
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -55,24 +206,29 @@ def make_train_step(
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
 
+    accum_steps = config.train.accum_steps
+
     def train_step(state: TrainState, batch: Batch):
         images = normalize_images(batch["images"], mean, std, model.dtype)
-
-        def loss_fn(params):
-            variables = {"params": params}
-            if state.batch_stats:
-                variables["batch_stats"] = state.batch_stats
-            out, mutated = model.apply(
-                variables, images, batch["tokens"], train=True, mutable=["batch_stats"]
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        if accum_steps == 1:
+            loss, grads, out, batch_stats = _full_batch_grads(
+                config, model, variables, images, batch["tokens"]
             )
-            return contrastive_loss(config, out), (out, mutated)
-
-        (loss, (out, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        else:
+            loss, grads, out, batch_stats = gradcache_grads(
+                config, model, variables, images, batch["tokens"], accum_steps
+            )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip_logit_scale(optax.apply_updates(state.params, updates))
-        i2t, t2i = losses.contrastive_accuracy(out["image_emb"], out["text_emb"])
+        i2t, t2i = losses.contrastive_accuracy(
+            out["image_emb"],
+            out["text_emb"],
+            impl=config.loss.impl,
+            chunk_size=config.loss.chunk_size,
+        )
         metrics = {
             "loss": loss,
             "i2t_acc": i2t,
@@ -87,7 +243,7 @@ def make_train_step(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
-            batch_stats=mutated.get("batch_stats", state.batch_stats),
+            batch_stats=batch_stats,
         )
         return new_state, metrics
 

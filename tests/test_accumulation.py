@@ -1,0 +1,166 @@
+"""Exact gradient accumulation (GradCache) against one big-batch gradient."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxclip import sharding
+from jaxclip.config import ConfigError, validate_config
+from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.transforms import normalize_images
+from jaxclip.models import CLIP
+from jaxclip.models.registry import get_model_config
+from jaxclip.train.step import _full_batch_grads, gradcache_grads, in_mesh
+from tests.test_train import ADAM_ATOL, run_steps, tiny_config
+
+BATCH = 32  # 4 per device on 8 devices, so k = 1, 2, 4 all divide it
+
+
+def batch_and_params(config, model):
+    size = model.config.vision.image_size
+    data = ShapesIterator(0, BATCH, size, model.config.text.context_length)
+    batch = next(data)
+    images = normalize_images(
+        jnp.asarray(batch["images"]), config.data.mean, config.data.std, jnp.float32
+    )
+    tokens = jnp.asarray(batch["tokens"])
+    variables = model.init(jax.random.key(0), images[:2], tokens[:2])
+    # A logit scale away from its init, so its gradient is not special.
+    params = {**variables["params"], "logit_scale": jnp.float32(2.5)}
+    if "logit_bias" in params:
+        params["logit_bias"] = jnp.float32(-3.0)
+    return {"params": params}, images, tokens
+
+
+def sharded_grads(fn, mesh, variables, images, tokens):
+    shard = sharding.batch_sharding
+    images = jax.device_put(images, shard(mesh, 4))
+    tokens = jax.device_put(tokens, shard(mesh, 2))
+    loss, grads, out, _ = in_mesh(jax.jit(fn), mesh)(variables, images, tokens)
+    return jax.device_get((loss, grads, out))
+
+
+def assert_grads_close(got, want):
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(want))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale),
+        got,
+        want,
+    )
+
+
+def tiny_vit(loss_name: str) -> CLIP:
+    # Unrolled: XLA:CPU can deadlock on collectives inside loops with 8 devices.
+    return CLIP(
+        get_model_config("tiny-vit"), logit_bias=loss_name == "siglip", scan=False
+    )
+
+
+@pytest.fixture(scope="module")
+def big_batch_reference():
+    """Per loss: inputs and the dense loss's one-pass gradient on the whole batch."""
+    mesh = sharding.make_mesh((4, 2, 1))
+    references = {}
+    for loss_name in ("clip", "siglip"):
+        config, model = tiny_config(loss__name=loss_name), tiny_vit(loss_name)
+        variables, images, tokens = batch_and_params(config, model)
+        references[loss_name] = (
+            (variables, images, tokens),
+            sharded_grads(
+                lambda v, i, t, c=config, m=model: _full_batch_grads(c, m, v, i, t),
+                mesh,
+                variables,
+                images,
+                tokens,
+            ),
+        )
+    return references
+
+
+@pytest.mark.parametrize("impl", ["dense", "ring"])
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+@pytest.mark.parametrize("accum_steps", [1, 2, 4])
+def test_accumulated_grads_equal_big_batch(
+    big_batch_reference, accum_steps, loss_name, impl
+):
+    config = tiny_config(loss__name=loss_name, loss__impl=impl, loss__chunk_size=3)
+    model = tiny_vit(loss_name)
+    mesh = sharding.make_mesh((4, 2, 1))
+    (variables, images, tokens), want = big_batch_reference[loss_name]
+    want_loss, want_grads, want_out = want
+    got_loss, got_grads, got_out = sharded_grads(
+        lambda v, i, t: gradcache_grads(config, model, v, i, t, accum_steps),
+        mesh,
+        variables,
+        images,
+        tokens,
+    )
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    # The full batch's embeddings come back in the batch's own order.
+    np.testing.assert_allclose(got_out["image_emb"], want_out["image_emb"], atol=1e-6)
+    np.testing.assert_allclose(got_out["text_emb"], want_out["text_emb"], atol=1e-6)
+    assert_grads_close(got_grads, want_grads)
+    # The temperature's gradient is counted once, not k times.
+    np.testing.assert_allclose(
+        got_grads["logit_scale"], want_grads["logit_scale"], rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_accumulation_with_scanned_layers_and_remat(remat):
+    """The lax.scan accumulation loop (one device) with remat equals the big batch."""
+    config = tiny_config()
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    plain = CLIP(get_model_config("tiny-vit"), scan=True)
+    variables, images, tokens = batch_and_params(config, plain)
+    _, want_grads, _ = sharded_grads(
+        lambda v, i, t: _full_batch_grads(config, plain, v, i, t),
+        mesh,
+        variables,
+        images,
+        tokens,
+    )
+    model = CLIP(get_model_config("tiny-vit"), scan=True, remat=remat)
+    _, got_grads, _ = sharded_grads(
+        lambda v, i, t: gradcache_grads(config, model, v, i, t, 4),
+        mesh,
+        variables,
+        images,
+        tokens,
+    )
+    assert_grads_close(got_grads, want_grads)
+
+
+def test_ring_loss_with_accumulation_in_the_train_step():
+    """Ring loss + 4 micro-batches in the real train step = dense big-batch steps."""
+    mesh = sharding.make_mesh((4, 2, 1))
+    overrides = {"train__batch_size": BATCH}
+    dense_state, dense = run_steps(tiny_config(**overrides), mesh, 2)
+    accum_state, accum = run_steps(
+        tiny_config(
+            loss__impl="ring", loss__chunk_size=2, train__accum_steps=4, **overrides
+        ),
+        mesh,
+        2,
+    )
+    for got, want in zip(accum, dense):
+        for name in ("loss", "grad_norm", "i2t_acc", "t2i_acc", "logit_scale"):
+            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL),
+        accum_state.params,
+        dense_state.params,
+    )
+
+
+def test_accum_steps_must_divide_the_per_device_batch():
+    config = tiny_config(train__batch_size=16, train__accum_steps=4)
+    config.mesh.shape = (8, 1, 1)  # 2 per device: 4 micro-batches cannot split it
+    with pytest.raises(ConfigError, match="train.accum_steps=4"):
+        validate_config(config)
+    config.train.accum_steps = 0
+    with pytest.raises(ConfigError, match="train.accum_steps"):
+        validate_config(config)
