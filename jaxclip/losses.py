@@ -158,15 +158,24 @@ def siglip_loss(
 
 
 def contrastive_accuracy(
-    image_emb: jax.Array, text_emb: jax.Array
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    *,
+    impl: str = "dense",
+    chunk_size: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Top-1 retrieval accuracy within the batch, `(image→text, text→image)`.
 
     image→text is the fraction of rows whose largest logit is on the diagonal,
     text→image the same for columns; ties go to the lower index. A positive logit
     scale changes no argmax, so none is taken. Float32 scalars, for logging.
+    `impl='ring'` finds the same argmaxes without the `[batch, batch]` matrix.
     """
     _check_embeddings(image_emb, text_emb)
+    if impl == "ring":
+        return _accuracy_ring(image_emb, text_emb, chunk_size)
+    if impl != "dense":
+        raise ValueError(f"impl={impl!r}; expected one of ['dense', 'ring']")
     similarities = _similarities(image_emb, text_emb)
     targets = jnp.arange(similarities.shape[0])
     image_to_text = jnp.mean(jnp.argmax(similarities, axis=1) == targets)
@@ -205,9 +214,16 @@ def _shift(tree, axes: tuple[str, ...], size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
 
 
+def _matmul32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` in float32 at full precision, whatever the inputs' dtype."""
+    return jnp.matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), precision=_PRECISION
+    )
+
+
 def _tile(image: jax.Array, text: jax.Array) -> jax.Array:
     """Float32 similarities of image rows with a text block, `[rows, b]`."""
-    return jnp.matmul(image, text.T, precision=_PRECISION)
+    return _matmul32(image, text.T)
 
 
 def _ring_fn(body, in_specs, out_specs):
@@ -257,7 +273,8 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
     rows = P(axes, None)
 
     def body(image, text, log_scale):
-        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        # Text blocks travel in the embedding dtype; tiles are computed in float32.
+        image = image.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
         local = image.shape[0]
         chunks, valid = _row_chunks(image, chunk_size)
@@ -298,7 +315,7 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
                 col_max, col_sum = _shift((col_max, col_sum), axes, size)
         row_lse = row_max + jnp.log(row_sum)
         col_lse = col_max + jnp.log(col_sum)
-        matched = scale * jnp.sum(image * text, axis=1)
+        matched = scale * jnp.sum(image * text.astype(jnp.float32), axis=1)
         local_loss = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
         loss = jax.lax.psum(local_loss, axes) / (2 * batch)
         return loss, row_lse, col_lse
@@ -316,7 +333,7 @@ def _clip_ring_backward(chunk_size, residuals, grad):
 
     def body(image, text, log_scale, row_lse, col_lse, grad):
         image_dtype, text_dtype = image.dtype, text.dtype
-        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
         weight = grad / (2 * batch)  # dL/dlogits = weight * (row softmax + col softmax)
         local = image.shape[0]
@@ -331,13 +348,14 @@ def _clip_ring_backward(chunk_size, residuals, grad):
                 + jnp.exp(logits - block_lse[None, :])
             )
             d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-            d_rows = scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+            d_rows = scale * _matmul32(d_logits, block)
             d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=_PRECISION)
             return d_block, (d_rows, jnp.sum(d_logits * logits))
 
         d_chunks = jnp.zeros_like(chunks)
         d_log_scale = jnp.zeros((), jnp.float32)
-        block, block_lse, d_block = text, col_lse, jnp.zeros_like(text)
+        # The block's gradient accumulates and travels in float32.
+        block, block_lse, d_block = text, col_lse, jnp.zeros_like(text, jnp.float32)
         for step in range(size):
             d_block, (d_rows, d_scale_parts) = jax.lax.scan(
                 partial(tile_grads, block, block_lse),
@@ -353,6 +371,7 @@ def _clip_ring_backward(chunk_size, residuals, grad):
             else:
                 d_block = _shift(d_block, axes, size)
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
+        text = text.astype(jnp.float32)
         d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
         d_text = d_block - 2 * weight * scale * image
         d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
@@ -379,7 +398,7 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_siz
     rows = P(axes, None)
 
     def body(image, text, log_scale, bias):
-        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
         bias = bias.astype(jnp.float32)
         chunks, valid = _row_chunks(image, chunk_size)
@@ -413,7 +432,7 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
 
     def body(image, text, log_scale, bias, grad):
         image_dtype, text_dtype = image.dtype, text.dtype
-        image, text = image.astype(jnp.float32), text.astype(jnp.float32)
+        image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
         bias32 = bias.astype(jnp.float32)
         local = image.shape[0]
@@ -422,7 +441,7 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
         d_chunks = jnp.zeros_like(chunks)
         d_log_scale = jnp.zeros((), jnp.float32)
         d_bias = jnp.zeros((), jnp.float32)
-        block, d_block = text, jnp.zeros_like(text)
+        block, d_block = text, jnp.zeros_like(text, jnp.float32)
         for step in range(size):
 
             def tile_grads(d_block, xs, block=block, home=step == 0):
@@ -433,7 +452,7 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
                 # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
                 d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
                 d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-                d_rows = scale * jnp.matmul(d_logits, block, precision=_PRECISION)
+                d_rows = scale * _matmul32(d_logits, block)
                 d_block += scale * jnp.matmul(
                     d_logits.T, chunk_rows, precision=_PRECISION
                 )
@@ -465,6 +484,70 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
 
 
 _siglip_loss_ring.defvjp(_siglip_ring_forward, _siglip_ring_backward)
+
+
+def _better(value, index, best_value, best_index):
+    """Whether (value, index) beats the best so far: larger, or equal at a lower index."""
+    return (value > best_value) | ((value == best_value) & (index < best_index))
+
+
+def _accuracy_ring(image_emb, text_emb, chunk_size):
+    """Both in-batch argmaxes with the ring: forward only, `[chunk, b]` at a time."""
+    _, axes, size = _ring_context()
+    batch = image_emb.shape[0]
+    rows = P(axes, None)
+
+    def body(image, text):
+        image = image.astype(jnp.float32)
+        local = image.shape[0]
+        me = jax.lax.axis_index(axes)
+        chunks, valid = _row_chunks(image, chunk_size)
+        row_ids, _ = _row_chunks(me * local + jnp.arange(local), chunk_size)
+        # Built from the local rows, so that shard_map types them as per-device values.
+        none_yet = (
+            jnp.full_like(image[:, 0], -jnp.inf),
+            jnp.full_like(image[:, 0], jnp.iinfo(jnp.int32).max, dtype=jnp.int32),
+        )
+        row_best, col_best, block = none_yet, none_yet, text
+        for step in range(size):
+            block_ids = ((me + step) % size) * local + jnp.arange(local)
+
+            def tile_argmax(col_best, xs, block=block, block_ids=block_ids):
+                chunk_rows, ok, ids = xs
+                sims = jnp.where(ok[:, None], _tile(chunk_rows, block), -jnp.inf)
+                row_value, row_arg = sims.max(axis=1), jnp.argmax(sims, axis=1)
+                col_value, col_arg = sims.max(axis=0), jnp.argmax(sims, axis=0)
+                col_index = ids[col_arg]
+                wins = _better(col_value, col_index, *col_best)
+                col_best = (
+                    jnp.where(wins, col_value, col_best[0]),
+                    jnp.where(wins, col_index, col_best[1]),
+                )
+                return col_best, (row_value, block_ids[row_arg])
+
+            col_best, (tile_value, tile_index) = jax.lax.scan(
+                tile_argmax, col_best, (chunks, valid, row_ids)
+            )
+            tile_value = _unchunk(tile_value, local)
+            tile_index = _unchunk(tile_index, local)
+            wins = _better(tile_value, tile_index, *row_best)
+            row_best = (
+                jnp.where(wins, tile_value, row_best[0]),
+                jnp.where(wins, tile_index, row_best[1]),
+            )
+            if step < size - 1:
+                block, col_best = _shift((block, col_best), axes, size)
+            else:  # the block is home; its column winners follow it
+                col_best = _shift(col_best, axes, size)
+        own = me * local + jnp.arange(local)
+        image_to_text = jnp.sum(row_best[1] == own).astype(jnp.float32)
+        text_to_image = jnp.sum(col_best[1] == own).astype(jnp.float32)
+        hits = jax.lax.psum(jnp.stack([image_to_text, text_to_image]), axes)
+        return hits / batch
+
+    accuracy = _ring_fn(body, (rows, rows), P())(image_emb, text_emb)
+    return accuracy[0], accuracy[1]
+
 
 _CLIP_LOSS_IMPLS["ring"] = _clip_loss_ring
 _SIGLIP_LOSS_IMPLS["ring"] = _siglip_loss_ring

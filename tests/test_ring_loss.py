@@ -119,3 +119,40 @@ def test_ring_needs_a_mesh():
     image = jnp.ones((4, DIM)) / np.sqrt(DIM)
     with pytest.raises(ValueError, match="needs a mesh"):
         losses.clip_loss(image, image, jnp.float32(0.0), impl="ring")
+
+
+def _accuracy_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    image = _unit_rows(rng, BATCH)
+    noise = np.where(np.arange(BATCH)[:, None] % 2 == 0, 0.1, 3.0)
+    text = image + noise * rng.normal(size=(BATCH, DIM))  # about half retrievable
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    # One-hot rows repeating every 5: similarities are exactly 0 or 1, so the ties
+    # are exact, and the first index wins (row i's match is i only when i < 5).
+    one_hot = np.eye(DIM)[np.arange(BATCH) % 5]
+    return {"noisy": (image, text), "ties": (one_hot, one_hot)}
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_ring_accuracy_equals_float64_argmax(mesh_shape):
+    mesh = sharding.make_mesh(mesh_shape)
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    for case, (image, text) in _accuracy_cases().items():
+        similarities = image @ text.T  # float64
+        want = (
+            np.mean(np.argmax(similarities, axis=1) == np.arange(BATCH)),
+            np.mean(np.argmax(similarities, axis=0) == np.arange(BATCH)),
+        )
+        assert 0 < want[0] < 1, case  # the case can tell right from wrong
+        with jax.set_mesh(mesh):
+            args = [
+                jax.device_put(jnp.asarray(x, jnp.float32), rows) for x in (image, text)
+            ]
+            for chunk_size in (0, 3):
+                accuracy = jax.jit(
+                    lambda i, t, c=chunk_size: losses.contrastive_accuracy(
+                        i, t, impl="ring", chunk_size=c
+                    )
+                )
+                got = accuracy(*args)
+                np.testing.assert_allclose(got, want, err_msg=f"{case} {chunk_size}")
