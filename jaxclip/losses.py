@@ -214,6 +214,32 @@ def _shift(tree, axes: tuple[str, ...], size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axes, perm), tree)
 
 
+def _after(tree, dependency: jax.Array | None):
+    """`tree`, whose float arrays cannot be used before `dependency` is computed.
+
+    This is what keeps the ring's memory flat in the global batch:
+    - each step sends its text block once the step before it has finished, so a send
+      overlaps one step's compute, but XLA cannot start every step's ppermute at once
+      (each depends only on the one before) and keep all R blocks alive;
+    - the backward pass's blocks depend on the cotangent, so XLA cannot merge them
+      with the forward pass's ppermutes (same operands) and keep those blocks alive
+      from one pass to the other.
+    `optimization_barrier` says the same, but XLA:CPU drops barriers before it
+    schedules. A multiply by `1 + 0·dependency` is exactly one for a finite
+    dependency, and XLA cannot fold it (it would be NaN for an infinite one).
+    """
+    if dependency is None:
+        return tree
+    one = 1.0 + 0.0 * dependency.astype(jnp.float32)
+
+    def tie(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x * one.astype(x.dtype)
+
+    return jax.tree.map(tie, tree)
+
+
 def _matmul32(a: jax.Array, b: jax.Array) -> jax.Array:
     """`a @ b` in float32 at full precision, whatever the inputs' dtype."""
     return jnp.matmul(
@@ -298,7 +324,7 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
         neg_inf = jnp.full_like(image[:, 0], -jnp.inf)
         row_max, row_sum = neg_inf, jnp.zeros_like(neg_inf)
         col_max, col_sum = neg_inf, jnp.zeros_like(neg_inf)
-        block = text
+        block, previous = text, None
         for step in range(size):
             (col_max, col_sum), (tile_max, tile_sum) = jax.lax.scan(
                 partial(tile_stats, block), (col_max, col_sum), (chunks, valid)
@@ -310,9 +336,11 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
             )
             row_max = new_row_max
             if step < size - 1:
+                block = _after(block, previous)
                 block, col_max, col_sum = _shift((block, col_max, col_sum), axes, size)
             else:  # the block is back home; only its column statistics must follow
                 col_max, col_sum = _shift((col_max, col_sum), axes, size)
+            previous = row_sum[0]  # the next send waits for this step
         row_lse = row_max + jnp.log(row_sum)
         col_lse = col_max + jnp.log(col_sum)
         matched = scale * jnp.sum(image * text.astype(jnp.float32), axis=1)
@@ -332,6 +360,7 @@ def _clip_ring_backward(chunk_size, residuals, grad):
     rows = P(axes, None)
 
     def body(image, text, log_scale, row_lse, col_lse, grad):
+        text = _after(text, grad)
         image_dtype, text_dtype = image.dtype, text.dtype
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
@@ -340,8 +369,11 @@ def _clip_ring_backward(chunk_size, residuals, grad):
         chunks, valid = _row_chunks(image, chunk_size)
         lse_chunks, _ = _row_chunks(row_lse, chunk_size)
 
-        def tile_grads(block, block_lse, d_block, xs):
-            chunk_rows, ok, chunk_lse = xs
+        def tile_grads(block, block_lse, carry, xs):
+            # The image-row gradient is a carry updated in place, one chunk at a time:
+            # as scan outputs, XLA kept one [b, d] buffer per ring step alive.
+            d_block, d_chunks = carry
+            chunk_rows, ok, chunk_lse, index = xs
             logits = scale * _tile(chunk_rows, block)
             d_logits = weight * (
                 jnp.exp(logits - chunk_lse[:, None])
@@ -350,26 +382,29 @@ def _clip_ring_backward(chunk_size, residuals, grad):
             d_logits = jnp.where(ok[:, None], d_logits, 0.0)
             d_rows = scale * _matmul32(d_logits, block)
             d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=_PRECISION)
-            return d_block, (d_rows, jnp.sum(d_logits * logits))
+            d_chunks = d_chunks.at[index].add(d_rows)
+            return (d_block, d_chunks), jnp.sum(d_logits * logits)
 
         d_chunks = jnp.zeros_like(chunks)
         d_log_scale = jnp.zeros((), jnp.float32)
         # The block's gradient accumulates and travels in float32.
         block, block_lse, d_block = text, col_lse, jnp.zeros_like(text, jnp.float32)
+        previous = None
         for step in range(size):
-            d_block, (d_rows, d_scale_parts) = jax.lax.scan(
+            (d_block, d_chunks), d_scale_parts = jax.lax.scan(
                 partial(tile_grads, block, block_lse),
-                d_block,
-                (chunks, valid, lse_chunks),
+                (d_block, d_chunks),
+                (chunks, valid, lse_chunks, jnp.arange(len(chunks))),
             )
-            d_chunks += d_rows
             d_log_scale += jnp.sum(d_scale_parts)
             if step < size - 1:
+                block, block_lse = _after((block, block_lse), previous)
                 block, block_lse, d_block = _shift(
                     (block, block_lse, d_block), axes, size
                 )
             else:
                 d_block = _shift(d_block, axes, size)
+            previous = d_log_scale  # the next send waits for this step
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
         text = text.astype(jnp.float32)
         d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
@@ -404,7 +439,7 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_siz
         chunks, valid = _row_chunks(image, chunk_size)
         row_ids, _ = _row_chunks(jnp.arange(image.shape[0]), chunk_size)
         total = jnp.zeros_like(image[0, 0])  # per-device, like the rows it sums
-        block = text
+        block, previous = text, None
         for step in range(size):
 
             def tile_loss(acc, xs, block=block, home=step == 0):
@@ -416,7 +451,8 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_siz
 
             total, _ = jax.lax.scan(tile_loss, total, (chunks, valid, row_ids))
             if step < size - 1:
-                block = _shift(block, axes, size)
+                block = _shift(_after(block, previous), axes, size)
+            previous = total  # the next send waits for this step
         return -jax.lax.psum(total, axes) / batch
 
     fn = _ring_fn(body, (rows, rows, P(), P()), P())
@@ -431,6 +467,7 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
     rows = P(axes, None)
 
     def body(image, text, log_scale, bias, grad):
+        text = _after(text, grad)
         image_dtype, text_dtype = image.dtype, text.dtype
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
@@ -442,10 +479,12 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
         d_log_scale = jnp.zeros((), jnp.float32)
         d_bias = jnp.zeros((), jnp.float32)
         block, d_block = text, jnp.zeros_like(text, jnp.float32)
+        previous = None
         for step in range(size):
 
-            def tile_grads(d_block, xs, block=block, home=step == 0):
-                chunk_rows, ok, ids = xs
+            def tile_grads(carry, xs, block=block, home=step == 0):
+                d_block, d_chunks = carry  # updated in place (see the CLIP loss)
+                chunk_rows, ok, ids, index = xs
                 similarity = _tile(chunk_rows, block)
                 logits = scale * similarity + bias32
                 labels = _home_labels(ids, block.shape[0], home)
@@ -457,18 +496,21 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
                     d_logits.T, chunk_rows, precision=_PRECISION
                 )
                 sums = (scale * jnp.sum(d_logits * similarity), jnp.sum(d_logits))
-                return d_block, (d_rows, sums)
+                return (d_block, d_chunks.at[index].add(d_rows)), sums
 
-            d_block, (d_rows, (d_scale_parts, d_bias_parts)) = jax.lax.scan(
-                tile_grads, d_block, (chunks, valid, row_ids)
+            (d_block, d_chunks), (d_scale_parts, d_bias_parts) = jax.lax.scan(
+                tile_grads,
+                (d_block, d_chunks),
+                (chunks, valid, row_ids, jnp.arange(len(chunks))),
             )
-            d_chunks += d_rows
             d_log_scale += jnp.sum(d_scale_parts)
             d_bias += jnp.sum(d_bias_parts)
             if step < size - 1:
+                block = _after(block, previous)
                 block, d_block = _shift((block, d_block), axes, size)
             else:
                 d_block = _shift(d_block, axes, size)
+            previous = d_log_scale  # the next send waits for this step
         d_image = _unchunk(d_chunks, local)
         d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
         d_bias = jax.lax.psum(d_bias, axes).astype(bias.dtype)
@@ -509,6 +551,7 @@ def _accuracy_ring(image_emb, text_emb, chunk_size):
             jnp.full_like(image[:, 0], jnp.iinfo(jnp.int32).max, dtype=jnp.int32),
         )
         row_best, col_best, block = none_yet, none_yet, text
+        previous = None
         for step in range(size):
             block_ids = ((me + step) % size) * local + jnp.arange(local)
 
@@ -536,9 +579,11 @@ def _accuracy_ring(image_emb, text_emb, chunk_size):
                 jnp.where(wins, tile_index, row_best[1]),
             )
             if step < size - 1:
+                block = _after(block, previous)
                 block, col_best = _shift((block, col_best), axes, size)
             else:  # the block is home; its column winners follow it
                 col_best = _shift(col_best, axes, size)
+            previous = row_best[0][0]  # the next send waits for this step
         own = me * local + jnp.arange(local)
         image_to_text = jnp.sum(row_best[1] == own).astype(jnp.float32)
         text_to_image = jnp.sum(col_best[1] == own).astype(jnp.float32)
