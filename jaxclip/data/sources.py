@@ -198,7 +198,13 @@ class CsvSource:
         caption_column: str = "title",
         separator: str = "",
     ):
-        (path,) = expand_paths(path, ".csv")
+        paths = expand_paths(path, ".csv")
+        if len(paths) != 1:
+            raise ValueError(
+                f"a CSV source reads one file; {path!r} names {len(paths)} (use "
+                "data.source='mix' to read several)"
+            )
+        (path,) = paths
         separator = separator or ("\t" if path.lower().endswith(".tsv") else ",")
         self.path = path
         self.root = os.path.dirname(os.path.abspath(path))
