@@ -82,7 +82,10 @@ def inputs(config) -> tuple[np.ndarray, np.ndarray]:
 
 def check_parity(name: str, seed: int = 0) -> dict[str, float]:
     """Random OpenCLIP `name` -> its state dict -> jaxclip; returns the max differences."""
+    import torch
+
     package = open_clip()
+    torch.manual_seed(seed)  # OpenCLIP's init draws from torch's global generator
     reference = package.create_model(name).eval()
     randomise_(reference, seed)
     tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
