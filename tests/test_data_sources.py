@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,36 @@ def test_broken_tar_keeps_the_samples_before_the_break(tmp_path):
     write_tar(tmp_path / "noimage.tar", [("a.txt", b"cap"), ("a.json", b"{}")])
     missing_image = BAD_REASONS.index("missing_image")
     assert list(index_tar(str(tmp_path / "noimage.tar")).problem) == [missing_image]
+
+
+def test_fast_header_scan_agrees_with_tarfile(tmp_path):
+    import jaxclip.data.tar_index as tar_index
+
+    (plain,) = write_shards(tmp_path / "plain", 1, 5)
+    long_name = "d" * 120 + "/000007"  # needs a pax header: the tarfile fallback
+    pax = tmp_path / "pax.tar"
+    write_tar(pax, [(f"{long_name}.jpg", b"x"), (f"{long_name}.txt", b"caption")])
+    gnu = tmp_path / "gnu.tar"
+    with tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, content in (("dir/000008.jpg", b"img"), ("dir/000008.txt", b"cap")):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    data = Path(plain).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with tarfile.open(plain) as tar:
+        third_header = tar.getmembers()[2].offset  # a header, not member data
+    corrupt = tmp_path / "corrupt.tar"
+    garbled = data[:third_header] + b"\x01" * 512 + data[third_header + 512 :]
+    corrupt.write_bytes(garbled)
+    for path in (plain, gnu, cut, corrupt):
+        size = os.path.getsize(path)
+        fast, fast_break = tar_index._scan_ustar(str(path), size)
+        slow, slow_break = tar_index._scan_with_tarfile(str(path), size)
+        assert fast == slow, path
+        assert (fast_break is None) == (slow_break is None) == (path in (plain, gnu))
+    assert len(tar_index._scan_ustar(str(corrupt), len(garbled))[0]) == 2
+    with pytest.raises(tar_index._NeedsTarfile):
+        tar_index._scan_ustar(str(pax), os.path.getsize(pax))
+    assert list(index_tar(str(pax)).keys.astype(str)) == [long_name]
