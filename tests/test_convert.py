@@ -91,6 +91,12 @@ def test_hf_directory_round_trip(tmp_path):
     loaded = load_weights(tmp_path)
     assert loaded.name == "tiny-vit"
     assert_trees_equal(weights.variables, loaded.variables)
+    # A name overrides what config.json records, with a warning when heads differ.
+    four_heads = dataclasses.replace(
+        config, vision=dataclasses.replace(config.vision, head_width=32)
+    )
+    with pytest.warns(UserWarning, match=r"attention heads \(2, 2\).*\(4, 2\)"):
+        assert load_weights(tmp_path, name=four_heads).config == four_heads
 
 
 def test_torch_files_round_trip(tiny_rn, tmp_path):

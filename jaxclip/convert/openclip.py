@@ -378,6 +378,19 @@ def resolve_config(
                 f"architecture uses quick_gelu={config.quick_gelu}; using the latter",
                 stacklevel=3,
             )
+        recorded = (inferred.vision.heads, inferred.text.heads)
+        same_shapes = _shapes_only(inferred) == _shapes_only(config)
+        if (
+            heads_known
+            and same_shapes
+            and recorded != (config.vision.heads, config.text.heads)
+        ):
+            warnings.warn(
+                f"the {what} records (image, text) attention heads {recorded}, but the "
+                f"requested architecture has {(config.vision.heads, config.text.heads)}; "
+                "using the latter",
+                stacklevel=3,
+            )
         return config, name if isinstance(name, str) else registered_name(config)
     config = inferred
     if not heads_known:
