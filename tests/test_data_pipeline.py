@@ -17,6 +17,7 @@ from data_util import (
     write_csv,
     write_shards,
 )
+from PIL import Image
 
 import jaxclip
 from jaxclip.data.pipeline import DataIterator, build_dataset
@@ -305,3 +306,33 @@ def test_every_process_restores_its_own_position(tmp_path):
         got = keys_of(take(resumed, 3 - process))
         resumed.close()
         assert got == outputs[process]["expected"][2 * (2 + process) :]
+
+
+def test_crops_differ_between_epochs_and_repeat_between_runs(tmp_path):
+    # Gradient images: any change of crop box changes the pixels.
+    (tmp_path / "images").mkdir()
+    rows = ["filepath,title"]
+    for number in range(3):
+        x = np.linspace(0, 255, 90)[None, :, None] * np.ones((60, 1, 3))
+        image = (x + 20 * number).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "images" / f"{number}.png")
+        rows.append(f"images/{number}.png,{caption_of(number)}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+
+    def two_epochs() -> dict[str, list[np.ndarray]]:
+        iterator = make_iterator([CsvSource(str(tmp_path / "pairs.csv"))], batch_size=3)
+        try:
+            by_key: dict[str, list[np.ndarray]] = {}
+            for batch in take(iterator, 2):
+                for key, image in zip(batch["keys"], batch["images"]):
+                    by_key.setdefault(str(key), []).append(image)
+            return by_key
+        finally:
+            iterator.close()
+
+    first, again = two_epochs(), two_epochs()
+    assert sorted(first) == [f"pairs.csv:{n}" for n in range(3)]
+    for key, (epoch_1, epoch_2) in first.items():
+        assert not np.array_equal(epoch_1, epoch_2), key  # a new random square
+        np.testing.assert_array_equal(epoch_1, again[key][0])
+        np.testing.assert_array_equal(epoch_2, again[key][1])
