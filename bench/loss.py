@@ -88,8 +88,9 @@ COLLECTIVE = re.compile(
     r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|"
     r"collective-permute|all-to-all)(?P<start>-start)?\("
 )
-ARRAY = re.compile(r"(pred|s8|u8|s32|u32|f16|bf16|f32|f64|s64|u64)\[([\d,]*)\]")
-ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
+ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|f16|bf16|f32|f64|s64|u64)\[([\d,]*)\]")
+ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
+ITEM_BYTES.update({"s32": 4, "u32": 4})
 ITEM_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8})
 
 
