@@ -17,7 +17,11 @@ import numpy as np
 from jaxclip import sharding
 from jaxclip.config import validate_config
 from jaxclip.data import shapes
-from jaxclip.data.pipeline import describe_skipped, make_train_iterator
+from jaxclip.data.pipeline import (
+    checkpoint_state,
+    describe_skipped,
+    make_train_iterator,
+)
 from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
@@ -128,7 +132,9 @@ def train_and_evaluate(
     def save(state: Any, force: bool = False) -> None:
         step = int(state.step)
         if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, train_iter.get_state(), config_json, force)
+            # Every process's data position, gathered (all processes save together).
+            data_state = checkpoint_state(train_iter.get_state())
+            checkpointer.save(step, state, data_state, config_json, force)
 
     # --- Train loop. `finally` lets an in-flight async save finish on any exit.
     try:
