@@ -20,7 +20,7 @@ from data_util import (
 from PIL import Image
 
 import jaxclip
-from jaxclip.data.pipeline import DataIterator, build_dataset
+from jaxclip.data.pipeline import DataIterator, build_dataset, checkpoint_state
 from jaxclip.data.sources import CsvSource, TarShardSource
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTextTransform
@@ -244,13 +244,16 @@ def test_state_from_another_pipeline_is_refused(shard_dir):
     other_seed = make_iterator([TarShardSource(str(shard_dir))], seed=5)
     try:
         take(iterator, 1)
-        state = iterator.get_state()
+        state = checkpoint_state(iterator.get_state())
         with pytest.raises(ValueError, match="seed: saved 0, now 5"):
             other_seed.set_state(state)
         with pytest.raises(ValueError, match="data.source='csv'"):
             iterator.set_state({**state, "source": "csv"})
         with pytest.raises(ValueError, match="saved by 2 processes; this run has 1"):
             iterator.set_state({**state, "processes": state["processes"] * 2})
+        local = iterator.get_state()  # one process's own state restores it too
+        with pytest.raises(ValueError, match="process 1's; this is process 0"):
+            iterator.set_state({**local, "process_index": 1})
     finally:
         iterator.close()
         other_seed.close()
@@ -276,7 +279,6 @@ def test_every_process_restores_its_own_position(tmp_path):
                 process_index=process,
                 process_count=2,
                 batch_size=2,
-                gather=lambda payload: gather(payload, process),
             )
 
         straight = fresh()
@@ -284,7 +286,10 @@ def test_every_process_restores_its_own_position(tmp_path):
         straight.close()
         first = fresh()
         take(first, 2 + process)  # the processes stop at different positions...
-        out["state"] = first.get_state()  # ...and both positions are saved
+        # ...and both positions are saved.
+        out["state"] = checkpoint_state(
+            first.get_state(), gather=lambda payload: gather(payload, process)
+        )
         first.close()
 
     outputs = [{}, {}]
@@ -300,7 +305,6 @@ def test_every_process_restores_its_own_position(tmp_path):
             process_index=process,
             process_count=2,
             batch_size=2,
-            gather=lambda payload: [payload, payload],
         )
         resumed.set_state(outputs[process]["state"])
         got = keys_of(take(resumed, 3 - process))

@@ -372,9 +372,9 @@ class DataIterator:
     """This process's batches from a grain pipeline, with a checkpointable state.
 
     `next()` gives {'images': uint8 [b, H, W, 3], 'tokens': int32 [b, L]} (plus
-    'keys' with `with_keys=True`). `get_state()` gathers every process's position
-    (it is a collective in multi-process runs, like the checkpoint save around it),
-    so the one JSON item in the checkpoint restores all of them.
+    'keys' with `with_keys=True`). `get_state()` is this process's position, cheap
+    enough to take after every batch; `checkpoint_state` gathers every process's
+    into the one JSON item the checkpoint stores, and `set_state` takes either.
     """
 
     def __init__(
@@ -423,30 +423,44 @@ class DataIterator:
         return result
 
     def get_state(self) -> dict[str, Any]:
-        """Every process's position (JSON), for the checkpoint."""
-        local = {
-            "fingerprint": self.fingerprint,
-            "grain": self._iterator.get_state(),
-            "skipped": self._skipped.tolist(),
-            "batches": self._batches,
+        """This process's position (JSON; no communication between processes)."""
+        return {
+            "source": self.source_name,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "position": {
+                "fingerprint": self.fingerprint,
+                "grain": self._iterator.get_state(),
+                "skipped": self._skipped.tolist(),
+                "batches": self._batches,
+            },
         }
-        return {"source": self.source_name, "processes": self._gather(local)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `get_state` was taken; refuse a state that cannot."""
+        """Continue exactly where the state was taken; refuse a state that cannot.
+
+        `state` is a checkpoint's (`checkpoint_state`: every process's position) or
+        this process's own (`get_state`).
+        """
         if state.get("source") != self.source_name:
             raise ValueError(
                 f"the checkpoint's data state is for data.source="
                 f"{state.get('source')!r}, not {self.source_name!r}"
             )
-        saved = state["processes"]
-        if len(saved) != self.process_count:
+        local = "position" in state  # one process's, as get_state gives it
+        count = state["process_count"] if local else len(state["processes"])
+        if count != self.process_count:
             raise ValueError(
-                f"the checkpoint's data state was saved by {len(saved)} processes; "
+                f"the checkpoint's data state was saved by {count} processes; "
                 f"this run has {self.process_count}, so it cannot resume the data "
                 "exactly (start a new workdir to change the process count)"
             )
-        own = saved[self.process_index]
+        if local and state["process_index"] != self.process_index:
+            raise ValueError(
+                f"the data state is process {state['process_index']}'s; this is "
+                f"process {self.process_index}"
+            )
+        own = state["position"] if local else state["processes"][self.process_index]
         changed = {
             field: (own["fingerprint"].get(field), value)
             for field, value in self.fingerprint.items()
@@ -470,6 +484,18 @@ class DataIterator:
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+
+
+def checkpoint_state(
+    state: dict[str, Any], gather: Callable[[Any], list[Any]] = _gather_json
+) -> dict[str, Any]:
+    """The data state to checkpoint: every process's position, from each one's
+    `get_state()` (a collective in multi-process runs: all processes call it, as they
+    all call the checkpoint save). The shapes pipeline's state is the same
+    everywhere and passes through."""
+    if "position" not in state:
+        return state
+    return {"source": state["source"], "processes": gather(state["position"])}
 
 
 def describe_skipped(metrics: dict[str, Any]) -> str:
