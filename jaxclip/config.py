@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 256  # global, over all devices and processes
     config.train.steps = 1000
+    config.train.prefetch = 1  # batches copied to the devices ahead of their step
+    config.train.compile_cache_dir = ""  # persistent compilation cache ("": off)
     config.train.accum_steps = 1  # micro-batches per step, exact (GradCache)
 
     config.optim = ml_collections.ConfigDict()
@@ -85,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000  # 0: only at the end
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
+
+    config.mfu = ml_collections.ConfigDict()
+    config.mfu.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: known-chip table)
 
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50
@@ -152,6 +157,18 @@ def validate_config(
     ):
         _non_negative_int(config, field)
     _positive_int(config, "checkpoint.keep")
+    _positive_int(config, "train.prefetch")
+    if not isinstance(config.train.compile_cache_dir, str):
+        raise ConfigError(
+            f"train.compile_cache_dir={config.train.compile_cache_dir!r} must be a "
+            "directory path (or empty to disable the cache)"
+        )
+    peak = config.mfu.peak_flops
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak < 0:
+        raise ConfigError(
+            f"mfu.peak_flops={peak!r} must be a number >= 0 (FLOP/s per device; "
+            "0 uses the table of known chips)"
+        )
     for field in ("optim.lr", "optim.eps"):
         if not _lookup(config, field) > 0:
             raise ConfigError(f"{field}={_lookup(config, field)!r} must be > 0")

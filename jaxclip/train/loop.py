@@ -3,12 +3,14 @@ state (restored or fresh), train loop with logging and checkpoints, evaluation."
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,8 +27,10 @@ from jaxclip.data.pipeline import (
 from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
+from jaxclip.train import mfu
 from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.metrics import MetricWriter
+from jaxclip.train.prefetch import DevicePrefetcher
 from jaxclip.train.state import (
     abstract_train_state,
     count_params,
@@ -66,6 +70,62 @@ def use_scan(requested: bool) -> bool:
     return requested
 
 
+def compile_train_step(
+    train_step: Callable, state: Any, batch: Any
+) -> tuple[Callable, float]:
+    """Compile the step ahead of time for these arguments: (compiled step, seconds).
+
+    The compiled step's `cost_analysis()` gives its FLOPs, and compiling here separates
+    compile time from step time. The compiled step keeps the jitted one's shardings
+    and donation; it needs no mesh context to run.
+    """
+    start = time.perf_counter()
+    if hasattr(train_step, "lower"):
+        compiled = train_step.lower(state, batch).compile()
+    else:  # `step.in_mesh` wraps the jitted step: lower it inside the same context
+        wrapped = inspect.getclosurevars(train_step).nonlocals
+        with (
+            jax.set_mesh(wrapped["mesh"]),
+            nn.logical_axis_rules(sharding.LOGICAL_RULES),
+        ):
+            compiled = wrapped["fn"].lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def compile_and_report(
+    config: ml_collections.ConfigDict,
+    train_step: Callable,
+    state: Any,
+    batch: Any,
+    writer: MetricWriter,
+    log: Callable[..., None],
+) -> Callable:
+    """Compile the step, count its FLOPs, and tell the writer (for MFU); returns it."""
+    compiled, seconds = compile_train_step(train_step, state, batch)
+    devices = jax.device_count()
+    analytic = mfu.analytic_flops(
+        get_model_config(config.model.name), config.train.batch_size
+    )
+    flops, source = mfu.step_flops(compiled, analytic / devices)
+    dtype = jnp.dtype(config.model.dtype).name
+    peak = mfu.peak_flops(jax.devices()[0], dtype, config.mfu.peak_flops)
+    writer.set_step_cost(flops, peak, devices, compile_sec=seconds)
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s peak" if peak else "no known peak (MFU off)"
+    log(
+        f"compiled the train step in {seconds:.1f}s; {flops / 1e12:.3g} TFLOP per "
+        f"device per step ({source}; analytic {analytic / devices / 1e12:.3g}); "
+        f"{peak_text}"
+    )
+    return compiled
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Keep compiled programs in `directory`, so that a restart skips compiling."""
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one global batch."""
     model_config = get_model_config(config.model.name)
@@ -89,6 +149,8 @@ def train_and_evaluate(
     # --- Config: refuse bad values before anything compiles.
     validate_config(config, workdir)
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    if config.train.compile_cache_dir:
+        enable_compilation_cache(config.train.compile_cache_dir)
 
     # --- Mesh.
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -104,8 +166,13 @@ def train_and_evaluate(
     batch_spec = example_batch(config)
 
     # --- Input pipeline.
-    train_iter = make_train_iterator(
-        config, model_config.vision.image_size, model_config.text.context_length
+    # Batches reach the devices one step ahead (`train.prefetch`), overlapping the step.
+    train_iter = DevicePrefetcher(
+        make_train_iterator(
+            config, model_config.vision.image_size, model_config.text.context_length
+        ),
+        mesh,
+        config.train.prefetch,
     )
 
     # --- State: restored from the latest checkpoint, or freshly initialised.
@@ -143,7 +210,11 @@ def train_and_evaluate(
         results: dict[str, float] = {}
         compile_start = time.perf_counter()
         for step in range(start_step + 1, config.train.steps + 1):
-            batch = sharding.shard_batch(next(train_iter), mesh)
+            batch = next(train_iter)
+            if step == start_step + 1:
+                train_step = compile_and_report(
+                    config, train_step, state, batch, writer, log
+                )
             state, step_metrics = train_step(state, batch)
             if step == start_step + 1:
                 jax.block_until_ready(step_metrics)
@@ -165,6 +236,8 @@ def train_and_evaluate(
                 results = evaluate(state)
                 writer.write(step, results)
                 writer.reset_timer(step)
+            if step < config.train.steps:
+                train_iter.fill()  # copy the next batches while this step runs
         save(state, force=True)
 
         # --- Evaluation at the end (unless it just ran at the last step).

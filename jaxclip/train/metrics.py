@@ -34,6 +34,13 @@ class MetricWriter:
         self._tb = None
         self._last_time: float | None = None
         self._last_step: int | None = None
+        # Set once the step is compiled (`set_step_cost`): FLOPs per device per step,
+        # the device's peak FLOP/s (None: unknown), the device count, and one-off
+        # scalars (the compile time) for the next record.
+        self._flops_per_device: float = 0.0
+        self._peak_flops: float | None = None
+        self._num_devices = 1
+        self._pending: dict[str, Any] = {}
         if self.enabled:
             from tensorboardX import SummaryWriter  # imported late: only process 0
 
@@ -50,8 +57,19 @@ class MetricWriter:
         if self._last_time is not None and batch_size and step > self._last_step:
             seconds_per_step = (now - self._last_time) / (step - self._last_step)
             scalars["samples_per_sec"] = batch_size / seconds_per_step
+            scalars["samples_per_sec_per_device"] = (
+                scalars["samples_per_sec"] / self._num_devices
+            )
+            if self._flops_per_device:
+                achieved = self._flops_per_device / seconds_per_step
+                scalars["tflops_per_sec_per_device"] = achieved / 1e12
+                if self._peak_flops:
+                    scalars["mfu"] = achieved / self._peak_flops
             scalars["eta_sec"] = seconds_per_step * max(self.total_steps - step, 0)
         self._last_time, self._last_step = now, step
+        if "loss" in scalars:
+            scalars.update(self._pending)
+            self._pending = {}
         record = {"step": step, **scalars}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -60,6 +78,22 @@ class MetricWriter:
                 self._tb.add_scalar(name, value, step)
         self._tb.flush()
         print(format_line(step, self.total_steps, scalars), flush=True, file=sys.stdout)
+
+    def set_step_cost(
+        self,
+        flops_per_device: float,
+        peak_flops: float | None,
+        num_devices: int,
+        compile_sec: float | None = None,
+    ) -> None:
+        """What MFU needs: FLOPs per device per step and the device's peak FLOP/s.
+
+        `compile_sec` joins the next logged training record."""
+        self._flops_per_device = flops_per_device
+        self._peak_flops = peak_flops
+        self._num_devices = num_devices
+        if compile_sec is not None:
+            self._pending["compile_sec"] = compile_sec
 
     def reset_timer(self, step: int) -> None:
         """Restart the throughput clock at `step`, after a pause (compiling, evaluating)
@@ -80,6 +114,8 @@ def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
             parts.append(f"{name} {scalars[name]:.4g}")
     if "samples_per_sec" in scalars:
         parts.append(f"{scalars['samples_per_sec']:.1f} samples/s")
+        if "mfu" in scalars:
+            parts.append(f"MFU {scalars['mfu']:.1%}")
         parts.append(f"ETA {_format_seconds(scalars['eta_sec'])}")
     extra = [k for k in scalars if k.startswith(("zeroshot/", "eval/"))]
     parts += [f"{k} {scalars[k]:.4f}" for k in extra]
