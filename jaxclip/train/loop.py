@@ -3,14 +3,12 @@ state (restored or fresh), train loop with logging and checkpoints, evaluation."
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,15 +85,7 @@ def compile_train_step(
     and donation; it needs no mesh context to run.
     """
     start = time.perf_counter()
-    if hasattr(train_step, "lower"):
-        compiled = train_step.lower(state, batch).compile()
-    else:  # `step.in_mesh` wraps the jitted step: lower it inside the same context
-        wrapped = inspect.getclosurevars(train_step).nonlocals
-        with (
-            jax.set_mesh(wrapped["mesh"]),
-            nn.logical_axis_rules(sharding.LOGICAL_RULES),
-        ):
-            compiled = wrapped["fn"].lower(state, batch).compile()
+    compiled = train_step.lower(state, batch).compile()
     return compiled, time.perf_counter() - start
 
 

@@ -271,6 +271,12 @@ def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             return fn(*args, **kwargs)
 
+    def lower(*args, **kwargs):
+        """`fn.lower(...)` in the same context, for ahead-of-time compilation."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            return fn.lower(*args, **kwargs)
+
+    wrapped.lower = lower
     return wrapped
 
 
