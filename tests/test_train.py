@@ -107,13 +107,21 @@ def test_ring_loss_in_the_train_step_equals_dense(loss_name):
     ring_state, ring = run_steps(
         tiny_config(loss__name=loss_name, loss__impl="ring"), mesh, 2
     )
-    for got, want in zip(ring, dense):
-        for name in ("loss", "grad_norm"):
-            np.testing.assert_allclose(got[name], want[name], rtol=2e-5, err_msg=name)
+    assert_same_run((ring_state, ring), (dense_state, dense), ("loss", "grad_norm"))
+
+
+def assert_same_run(got, want, metric_names):
+    """Two `run_steps` results agree: per-step metrics, then the final parameters."""
+    (got_state, got_history), (want_state, want_history) = got, want
+    for got_metrics, want_metrics in zip(got_history, want_history):
+        for name in metric_names:
+            np.testing.assert_allclose(
+                got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name
+            )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL),
-        ring_state.params,
-        dense_state.params,
+        got_state.params,
+        want_state.params,
     )
 
 
