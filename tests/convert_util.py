@@ -111,6 +111,18 @@ def random_variables(config, seed: int, logit_bias: bool = False) -> dict:
     )
 
 
+def jaxclip_outputs(model, variables, images, tokens) -> dict[str, np.ndarray]:
+    """jaxclip's embeddings and logits, keyed like the PyTorch references' outputs."""
+    image_emb = model.encode_image(variables, images)
+    text_emb = model.encode_text(variables, tokens)
+    scale = np.exp(np.float64(variables["params"]["logit_scale"]))
+    return {
+        "image": image_emb,
+        "text": text_emb,
+        "logits": scale * image_emb @ text_emb.T,
+    }
+
+
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 

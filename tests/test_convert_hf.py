@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from convert_util import (
     assert_trees_equal,
+    jaxclip_outputs,
     max_abs_diff,
     random_variables,
     transformers_clip,
@@ -90,17 +91,6 @@ def hf_outputs(model, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.nd
         "image": out.image_embeds.numpy(),
         "text": out.text_embeds.numpy(),
         "logits": out.logits_per_image.numpy(),
-    }
-
-
-def jaxclip_outputs(model, variables, images, tokens) -> dict[str, np.ndarray]:
-    image_emb = model.encode_image(variables, images)
-    text_emb = model.encode_text(variables, tokens)
-    scale = np.exp(np.float64(variables["params"]["logit_scale"]))
-    return {
-        "image": image_emb,
-        "text": text_emb,
-        "logits": scale * image_emb @ text_emb.T,
     }
 
 

@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from convert_util import max_abs_diff, open_clip, random_variables
+from convert_util import jaxclip_outputs, max_abs_diff, open_clip, random_variables
 
 import jaxclip
 from jaxclip.convert import openclip, save_openclip
@@ -60,17 +60,6 @@ def openclip_outputs(model, images: np.ndarray, tokens: np.ndarray) -> dict:
         "image": image_emb.numpy(),
         "text": text_emb.numpy(),
         "logits": logits.numpy(),
-    }
-
-
-def jaxclip_outputs(model, variables, images, tokens) -> dict:
-    image_emb = model.encode_image(variables, images)
-    text_emb = model.encode_text(variables, tokens)
-    scale = np.exp(np.float64(variables["params"]["logit_scale"]))
-    return {
-        "image": image_emb,
-        "text": text_emb,
-        "logits": scale * image_emb @ text_emb.T,
     }
 
 

@@ -311,7 +311,7 @@ def check_parity(torch_resnet_cls, seed: int = 0) -> float:
 
 
 def test_parity_with_openclip():
-    from tests.convert_util import open_clip
+    from convert_util import open_clip
 
     open_clip()  # skips without torch + open_clip; hides a mismatched torchvision
     from open_clip.modified_resnet import ModifiedResNet
