@@ -1,0 +1,1 @@
+"""Packaged data files (class names and prompt templates for zero-shot evaluation)."""
