@@ -5,7 +5,7 @@ Two pipelines behind one interface (`next()`, `get_state()`, `set_state()`,
 
 - `ShapesIterator`: the built-in demo data, drawn a whole batch at a time.
 - `DataIterator`: grain pipelines over real data (webdataset tar shards, CSV/TSV,
-  tfds) and weighted mixtures of them:
+  tfds, scikit-learn's digits) and weighted mixtures of them:
 
       source (random access) -> this process's share -> shuffle -> repeat
         -> [mix] -> decode + crop (grain worker threads / processes)
@@ -33,6 +33,7 @@ from grain.experimental import ThreadPrefetchIterDataset, index_shuffle
 from grain.multiprocessing import SharedMemoryArray
 
 from jaxclip.data import shapes
+from jaxclip.data.digits import DigitsSource
 from jaxclip.data.sources import (
     BAD_REASONS,
     CsvSource,
@@ -544,6 +545,8 @@ def open_source(
         )
     if kind == "shapes":
         return ShapesSource(config.seed, image_size)
+    if kind == "digits":  # scikit-learn's bundled scans; data.path is not used
+        return DigitsSource("train", image_size)
     raise ValueError(f"unknown data source {kind!r}")
 
 
