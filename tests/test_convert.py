@@ -131,6 +131,8 @@ def test_checkpoint_exports_round_trip(tiny_rn, tmp_path, capsys):
         params=params,
         opt_state=make_optimizer(config).init(params),
         batch_stats=tiny_rn.variables["batch_stats"],
+        nonfinite_streak=jnp.asarray(0, jnp.int32),
+        nonfinite_total=jnp.asarray(0, jnp.int32),
     )
     workdir = tmp_path / "workdir"
     checkpointer = Checkpointer(str(workdir / "checkpoints"), async_save=False)

@@ -30,6 +30,10 @@ class TrainState:
     params: Any
     opt_state: Any
     batch_stats: Any  # BatchNorm running statistics (empty for ViTs)
+    # Steps whose loss or gradient was not finite, so their update was skipped:
+    # how many in a row up to now (0 after a finite step), and how many in all.
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -134,6 +138,8 @@ def _boxed_init_fn(
             params=params,
             opt_state=tx.init(params),
             batch_stats=variables.get("batch_stats", {}),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            nonfinite_total=jnp.zeros((), jnp.int32),
         )
 
     return init

@@ -223,6 +223,22 @@ def make_train_step(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = clip_logit_scale(optax.apply_updates(state.params, updates))
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
+        # params, optimizer moments and BatchNorm statistics stay as they were, and
+        # the counters let the loop stop after `train.max_nonfinite_steps` in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_if_not_finite(new, old):
+            return jnp.where(finite, new, old)
+
+        params, opt_state, batch_stats = jax.tree.map(
+            keep_if_not_finite,
+            (params, opt_state, batch_stats),
+            (state.params, state.opt_state, state.batch_stats),
+        )
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        total = state.nonfinite_total + (~finite).astype(jnp.int32)
         i2t, t2i = losses.contrastive_accuracy(
             out["image_emb"],
             out["text_emb"],
@@ -234,8 +250,10 @@ def make_train_step(
             "i2t_acc": i2t,
             "t2i_acc": t2i,
             "logit_scale": jnp.exp(out["logit_scale"]),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "nonfinite_streak": streak,
+            "nonfinite_total": total,
         }
         if "logit_bias" in out:
             metrics["logit_bias"] = out["logit_bias"]
@@ -244,6 +262,8 @@ def make_train_step(
             params=params,
             opt_state=opt_state,
             batch_stats=batch_stats,
+            nonfinite_streak=streak,
+            nonfinite_total=total,
         )
         return new_state, metrics
 
