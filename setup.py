@@ -13,7 +13,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["jaxclip", "jaxclip.*"]),
-    package_data={"jaxclip.data.assets": ["*.txt.gz", "LICENSE-*.txt"]},
+    package_data={
+        "jaxclip.data.assets": ["*.txt.gz", "LICENSE-*.txt"],
+        "jaxclip.evaluate.assets": ["*.txt"],  # class names, prompts, their licence
+    },
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
@@ -35,6 +38,7 @@ setup(
         # Reading and converting tfds datasets; TensorFlow itself is not needed.
         "tfds": ["tensorflow-datasets>=4.9.10", "array_record"],
         "sentencepiece": ["sentencepiece>=0.2"],  # SigLIP-style tokenizers
+        "digits": ["scikit-learn"],  # data.source='digits': its bundled scans
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
@@ -52,6 +56,7 @@ setup(
             "tensorflow-datasets>=4.9.10",
             "array_record",
             "sentencepiece>=0.2",
+            "scikit-learn",
         ],
     },
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxclip.config import base_config
+from jaxclip.evaluate import evaluators
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -28,5 +29,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 100
     config.checkpoint.keep = 2
     config.log.every_steps = 25
-    config.eval.zeroshot = True
+    # Zero-shot shape x colour classification of 1,000 held-out images, at the end.
+    config.evals.zeroshot = evaluators.config("zeroshot", "shapes", num_examples=1000)
     return config

@@ -6,6 +6,7 @@ Recipes in `configs/` start from `base_config()`; the README documents each fiel
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -43,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "shapes"  # shapes | webdataset | csv | tfds | mix
+    config.data.source = "shapes"  # shapes | webdataset | csv | tfds | digits | mix
     config.data.path = ""  # tar shards, a CSV/TSV file, or a tfds dataset name
     config.data.mix = ()  # source='mix': ((source, path, weight), ...)
     config.data.csv_image_column = "filepath"  # image paths, relative to the file
@@ -71,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.prefetch = 1  # batches copied to the devices ahead of their step
     config.train.compile_cache_dir = ""  # persistent compilation cache ("": off)
     config.train.accum_steps = 1  # micro-batches per step, exact (GradCache)
+    # Non-finite loss or gradient: the update is skipped; this many in a row stop
+    config.train.max_nonfinite_steps = 5
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 5e-4
@@ -89,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000  # 0: only at the end
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
+    # Keep the step with the best value of this evaluation metric in workdir/best
+    # (e.g. "zeroshot/top1"; "": off), by best_mode: max | min.
+    config.checkpoint.best_metric = ""
+    config.checkpoint.best_mode = "max"
 
     config.mfu = ml_collections.ConfigDict()
     config.mfu.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: known-chip table)
@@ -96,10 +103,22 @@ def base_config() -> ml_collections.ConfigDict:
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50
 
-    config.eval = ml_collections.ConfigDict()
-    config.eval.zeroshot = False  # shapes zero-shot after training (demo data only)
-    config.eval.num_examples = 1000
-    config.eval.every_steps = 0  # 0: only at the end
+    # Evaluators by name, run during and after training: each entry comes from
+    # jaxclip.evaluate.evaluators.config(kind, dataset, ...), e.g. the demo's
+    # config.evals.zeroshot; results are named "<name>/<metric>".
+    config.evals = ml_collections.ConfigDict()
+
+    # Multi-process runs (jaxclip.distributed, docs/launch.md). Unset fields fall back
+    # to JAXCLIP_COORDINATOR, JAXCLIP_NUM_PROCESSES, JAXCLIP_PROCESS_ID and
+    # JAXCLIP_LOCAL_DEVICE_IDS, then to a TPU pod or SLURM job JAX detects itself.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.mode = "auto"  # auto | on (must be multi-process) | off
+    config.distributed.coordinator_address = ""  # "host:port" of process 0
+    config.distributed.num_processes = 0  # 0: from the environment or cluster
+    config.distributed.process_id = -1  # -1: from the environment or cluster
+    config.distributed.local_device_ids = ()  # (): all (TPU) or the cluster's choice
+    config.distributed.initialization_timeout = 300  # seconds to wait for all
+    config.distributed.log_all_processes = False  # progress lines from every process
     return config
 
 
@@ -127,7 +146,7 @@ def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = ("dense", "ring")
 DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "mix")
+DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "digits", "mix")  # mix last
 
 
 class ConfigError(ValueError):
@@ -148,13 +167,13 @@ def validate_config(
         "train.batch_size",
         "train.steps",
         "train.accum_steps",
+        "train.max_nonfinite_steps",
         "log.every_steps",
     ):
         _positive_int(config, field)
     for field in (
         "checkpoint.every_steps",
         "optim.warmup_steps",
-        "eval.every_steps",
         "loss.chunk_size",
     ):
         _non_negative_int(config, field)
@@ -182,6 +201,8 @@ def validate_config(
     if len(config.data.mean) != 3 or len(config.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
     validate_data_config(config)
+    validate_evals_config(config)
+    validate_distributed_config(config)
 
     try:
         mesh_shape = resolve_mesh_shape(config.mesh.shape, jax.device_count())
@@ -207,6 +228,59 @@ def validate_config(
         )
     if workdir is not None:
         check_workdir(workdir)
+
+
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+def validate_distributed_config(config: ml_collections.ConfigDict) -> None:
+    """The `distributed.*` fields (checked before the processes connect)."""
+    dist = config.distributed
+    _check_choice(dist.mode, "distributed.mode", DISTRIBUTED_MODES)
+    address = dist.coordinator_address
+    if not isinstance(address, str) or (
+        address and not address.rsplit(":", 1)[-1].isdigit()
+    ):
+        raise ConfigError(
+            f"distributed.coordinator_address={address!r} must be 'host:port' (the "
+            "address of process 0) or empty"
+        )
+    _non_negative_int(config, "distributed.num_processes")
+    process_id = dist.process_id
+    if not isinstance(process_id, (int, np.integer)) or isinstance(process_id, bool):
+        raise ConfigError(f"distributed.process_id={process_id!r} must be an integer")
+    if process_id < -1 or (dist.num_processes and process_id >= dist.num_processes):
+        raise ConfigError(
+            f"distributed.process_id={process_id} must be in [0, num_processes) "
+            "(or -1: from the environment or cluster)"
+        )
+    ids = tuple(dist.local_device_ids)
+    if any(not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
+        raise ConfigError(
+            f"distributed.local_device_ids={ids!r} must be device indices >= 0"
+        )
+    _positive_int(config, "distributed.initialization_timeout")
+    if not isinstance(dist.log_all_processes, bool):
+        raise ConfigError(
+            f"distributed.log_all_processes={dist.log_all_processes!r} must be a bool"
+        )
+
+
+def validate_evals_config(config: ml_collections.ConfigDict) -> None:
+    """The evaluators (`evals.*`) and the best-checkpoint metric."""
+    from jaxclip.evaluate import evaluators
+
+    try:
+        evaluators.validate(config.evals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    best = config.checkpoint.best_metric
+    _check_choice(config.checkpoint.best_mode, "checkpoint.best_mode", ("max", "min"))
+    if best and best.split("/")[0] not in config.evals:
+        raise ConfigError(
+            f"checkpoint.best_metric={best!r} must be '<evaluator>/<metric>' with an "
+            f"evaluator of config.evals ({sorted(config.evals.keys())})"
+        )
 
 
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
@@ -239,10 +313,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
                 "data.source='mix' needs data.mix=((source, path, weight), ...)"
             )
         for entry in entries:
-            if len(entry) != 3 or entry[0] not in DATA_SOURCES[:4]:
+            if len(entry) != 3 or entry[0] not in DATA_SOURCES[:-1]:
                 raise ConfigError(
                     f"data.mix entry {entry!r} must be (source, path, weight) with a "
-                    f"source in {list(DATA_SOURCES[:4])}"
+                    f"source in {list(DATA_SOURCES[:-1])}"
                 )
             if not isinstance(entry[2], (int, float)) or not entry[2] > 0:
                 raise ConfigError(f"data.mix entry {entry!r}: the weight must be > 0")
@@ -261,6 +335,13 @@ def _check_data_path(
     from jaxclip.data.sources import expand_paths
 
     if kind == "shapes":
+        return
+    if kind == "digits":  # bundled with scikit-learn: no path, but the package
+        if importlib.util.find_spec("sklearn") is None:
+            raise ConfigError(
+                f"{field} needs scikit-learn, which is not installed: pip install "
+                "scikit-learn (or pip install 'jaxclip[digits]')"
+            )
         return
     if not path:
         raise ConfigError(
@@ -299,6 +380,11 @@ def check_workdir(workdir: str) -> None:
     """The workdir must exist or be creatable, and be writable."""
     if not workdir:
         raise ConfigError("--workdir is required")
+    if "://" in workdir:
+        raise ConfigError(
+            f"--workdir={workdir!r}: object-store URLs are not supported yet; use a "
+            "directory every process can see (a local disk, NFS or Filestore)"
+        )
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):

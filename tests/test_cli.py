@@ -35,8 +35,8 @@ def test_demo_cli_end_to_end(tmp_path):
         "--config.train.steps=4",
         "--config.log.every_steps=2",
         "--config.checkpoint.every_steps=2",
-        "--config.eval.num_examples=48",
-        "--config.eval.every_steps=2",
+        "--config.evals.zeroshot.num_examples=48",
+        "--config.evals.zeroshot.every_steps=2",
         "--config.mesh.shape=(4,2,1)",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +69,7 @@ def test_demo_cli_end_to_end(tmp_path):
     again = run_cli(
         f"--workdir={workdir}",
         "--config.train.steps=4",
-        "--config.eval.num_examples=48",
+        "--config.evals.zeroshot.num_examples=48",
         "--config.mesh.shape=(4,2,1)",
     )
     assert again.returncode == 0, again.stderr[-3000:]

@@ -108,7 +108,7 @@ def test_train_from_tfds_via_cli_and_resume_exactly(tmp_path, monkeypatch):
         f"--config.data.tfds_data_dir={data_dir}",
         "--config.data.max_image_pixels=1000000",
         "--config.train.batch_size=8",
-        "--config.eval.zeroshot=False",
+        "--config.evals.zeroshot.every_steps=-1",
         "--config.checkpoint.every_steps=1",
         "--config.log.every_steps=1",
     ]

@@ -1,4 +1,5 @@
-"""Zero-shot classification: class embeddings from prompt templates, then top-k."""
+"""Zero-shot classification: class embeddings from prompt templates, then top-k and
+mean per-class recall."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ def zero_shot_classifier(
     classnames: Sequence[str],
     templates: Sequence[str],
     context_length: int,
+    tokenizer: Callable[[list[str], int], np.ndarray] = tokenize,
 ) -> jax.Array:
     """[num_classes, embed_dim]: per class, the renormalised mean of the normalised
     text embeddings of every template filled with the class name (CLIP's ensemble)."""
     prompts = [template.format(name) for name in classnames for template in templates]
-    text_emb = jnp.asarray(encode_texts(tokenize(prompts, context_length)), jnp.float32)
+    tokens = tokenizer(prompts, context_length)
+    text_emb = jnp.asarray(encode_texts(tokens), jnp.float32)
     text_emb = text_emb.reshape(len(classnames), len(templates), -1)
     text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
     class_emb = text_emb.mean(axis=1)
@@ -39,6 +42,19 @@ def topk_accuracy(
         f"top{k}": float(hits[:, : min(k, logits.shape[1])].any(axis=1).mean())
         for k in ks
     }
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """top1, top5 and mean_per_class_recall (the mean over the classes present of
+    the fraction of each class's images whose top-1 prediction is right)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    metrics = topk_accuracy(logits, labels, (1, 5))
+    # The same tie rule as topk_accuracy: the lower class index first.
+    predicted = np.argsort(-logits, axis=-1, kind="stable")[:, 0]
+    present = np.unique(labels)
+    recalls = [np.mean(predicted[labels == c] == c) for c in present]
+    metrics["mean_per_class_recall"] = float(np.mean(recalls))
+    return metrics
 
 
 def evaluate_zero_shot(

@@ -30,7 +30,11 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metric
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    from jaxclip import distributed
     from jaxclip.config import ConfigError
+    from jaxclip.train.guard import NonFiniteError
     from jaxclip.train.loop import train_and_evaluate
 
     if not flags.FLAGS["verbosity"].present:
@@ -39,13 +43,29 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     try:
-        results = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        # Before anything touches the devices: join the other processes, if any.
+        config = flags.FLAGS.config
+        setup = distributed.initialize(config)
+        if jax.process_count() > 1:
+            distributed.process_log(config)(
+                f"{jax.process_count()} processes ({setup.how}); this is process "
+                f"{jax.process_index()}"
+            )
+            if jax.process_index() and not config.distributed.log_all_processes:
+                logging.set_verbosity(logging.ERROR)  # one copy of each warning, not N
+        results = train_and_evaluate(config, flags.FLAGS.workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    for name, value in sorted(results.items()):
-        if name.startswith("zeroshot/"):
-            print(f"{name}: {value:.4f}")
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        # The evaluators' results (`<evaluator>/<metric>`), e.g. zeroshot/top1.
+        for name in sorted(config.evals.keys()):
+            for metric, value in sorted(results.items()):
+                if metric.startswith(f"{name}/") and not metric.endswith("/seconds"):
+                    print(f"{metric}: {value:.4f}")
 
 
 if __name__ == "__main__":

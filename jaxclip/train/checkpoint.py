@@ -85,3 +85,47 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
     )
+
+
+class BestCheckpoint:
+    """The state with the best value of one evaluation metric, in its own directory.
+
+    `checkpoint.best_metric` names the metric ('zeroshot/top1'), `best_mode` whether
+    higher ('max') or lower ('min') is better. The metric's value and step are saved
+    with the state (as its data item), so a resumed run knows the best so far, and
+    the two can never disagree.
+    """
+
+    def __init__(self, directory: str, metric: str, mode: str = "max"):
+        self.metric, self.mode = metric, mode
+        self.checkpointer = Checkpointer(directory, keep=1, async_save=False)
+        self.best: float | None = None
+        self.step: int | None = None
+        step = self.checkpointer.latest_step()
+        if step is not None:
+            record = self.checkpointer.manager.restore(
+                step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+            )["data"]
+            self.best, self.step = record["value"], record["step"]
+
+    @property
+    def directory(self) -> str:
+        return self.checkpointer.directory
+
+    def is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def update(self, step: int, state: Any, results: dict, config: dict) -> bool:
+        """Save `state` if `results` holds a new best value; returns whether it did."""
+        value = results.get(self.metric)
+        if value is None or value != value or not self.is_better(value):  # NaN: never
+            return False
+        record = {"metric": self.metric, "value": float(value), "step": step}
+        self.checkpointer.save(step, state, record, config, force=True)
+        self.best, self.step = float(value), step
+        return True
+
+    def close(self) -> None:
+        self.checkpointer.close()

@@ -14,20 +14,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxclip import sharding
+from jaxclip import distributed, sharding
 from jaxclip.config import validate_config
-from jaxclip.data import shapes
 from jaxclip.data.pipeline import (
     checkpoint_state,
     describe_skipped,
     make_train_iterator,
 )
-from jaxclip.evaluate.zeroshot import evaluate_zero_shot, zero_shot_classifier
+from jaxclip.data.tokenizer import TokenizerSpec
+from jaxclip.evaluate.evaluators import Evaluator, make_evaluators, run_all
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train import mfu
-from jaxclip.train.checkpoint import Checkpointer
+from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
+from jaxclip.train.guard import NonFiniteError, NonFiniteGuard, all_finite
 from jaxclip.train.metrics import MetricWriter
+from jaxclip.train.preemption import PreemptionWatcher
 from jaxclip.train.prefetch import DevicePrefetcher
 from jaxclip.train.state import (
     abstract_train_state,
@@ -145,7 +147,7 @@ def train_and_evaluate(
     """
     # --- Config: refuse bad values before anything compiles.
     validate_config(config, workdir)
-    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    log = distributed.process_log(config)  # process 0 only, unless asked
     if config.train.compile_cache_dir:
         enable_compilation_cache(config.train.compile_cache_dir)
 
@@ -191,21 +193,63 @@ def train_and_evaluate(
     train_step = make_train_step(config, model, tx, schedule, mesh, state_shardings)
     config_json = json.loads(config.to_json_best_effort())
     writer = MetricWriter(workdir, config.train.steps)
-    evaluate = make_evaluator(config, model, mesh)
+
+    # --- Evaluators (`config.evals`): their data is read once, here.
+    evaluators = make_evaluators(
+        config.evals,
+        make_encode_fns(config, model, mesh),
+        mesh,
+        model_config.vision.image_size,
+        model_config.text.context_length,
+        TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
+        config.seed,
+    )
+    best = None
+    if config.checkpoint.best_metric:
+        best = BestCheckpoint(
+            os.path.join(workdir, "best"),
+            config.checkpoint.best_metric,
+            config.checkpoint.best_mode,
+        )
+
+    def evaluate(state: Any, due: list[Evaluator]) -> dict[str, float]:
+        """Run `due`, log and write their results, keep the best checkpoint."""
+        if not due:
+            return {}
+        step = int(state.step)
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        results = run_all(due, variables)
+        writer.write(step, results)
+        if best is not None and best.update(step, state, results, config_json):
+            log(
+                f"new best {best.metric} {best.best:.4f} at step {step}: {best.directory}"
+            )
+        return results
 
     def save(state: Any, force: bool = False) -> None:
         step = int(state.step)
         if checkpointer.latest_step() != step:
+            if not bool(all_finite(state.params)):
+                # The step guard keeps params finite; never persist a broken state.
+                raise NonFiniteError(
+                    f"step {step}: the parameters are not finite; not saving them "
+                    f"(the last checkpoint, step {checkpointer.latest_step()}, is kept)"
+                )
             # Every process's data position, gathered (all processes save together).
             data_state = checkpoint_state(train_iter.get_state())
             checkpointer.save(step, state, data_state, config_json, force)
 
     # --- Train loop. `finally` lets an in-flight async save finish on any exit.
+    preemption = PreemptionWatcher()
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps, log)
     try:
         start_step = int(state.step)
         metrics: dict[str, Any] = {}
         results: dict[str, float] = {}
         compile_start = time.perf_counter()
+        preempted = False
         for step in range(start_step + 1, config.train.steps + 1):
             batch = next(train_iter)
             if step == start_step + 1:
@@ -213,6 +257,9 @@ def train_and_evaluate(
                     config, train_step, state, batch, writer, log
                 )
             state, step_metrics = train_step(state, batch)
+            # The previous step's counters: waiting for them leaves this step queued.
+            guard.check()
+            guard.push(step, step_metrics)
             if step == start_step + 1:
                 jax.block_until_ready(step_metrics)
                 seconds = time.perf_counter() - compile_start
@@ -229,59 +276,35 @@ def train_and_evaluate(
                 and step % config.checkpoint.every_steps == 0
             ):
                 save(state)
-            if config.eval.every_steps and step % config.eval.every_steps == 0:
-                results = evaluate(state)
-                writer.write(step, results)
+            due = [evaluator for evaluator in evaluators if evaluator.due(step)]
+            if due:
+                results.update(evaluate(state, due))
                 writer.reset_timer(step)
+            if preemption.should_stop(step):
+                guard.check()
+                save(state, force=True)
+                preempted = True
+                log(
+                    f"preempted (SIGTERM): saved step {step} in "
+                    f"{checkpointer.directory}; run the same command to resume"
+                )
+                break
             if step < config.train.steps:
                 train_iter.fill()  # copy the next batches while this step runs
+        guard.check()
         save(state, force=True)
 
-        # --- Evaluation at the end (unless it just ran at the last step).
-        if not (
-            config.eval.every_steps and int(state.step) % config.eval.every_steps == 0
-        ):
-            results = evaluate(state)
-            if results:
-                writer.write(int(state.step), results)
+        # --- Evaluation at the end (each evaluator unless it just ran).
+        if not preempted:
+            last = int(state.step)
+            due = [evaluator for evaluator in evaluators if evaluator.due_at_end(last)]
+            results.update(evaluate(state, due))
     finally:
+        preemption.close()
+        if best is not None:
+            best.close()
         writer.close()
         checkpointer.close()
         train_iter.close()  # stops the pipeline's worker processes
-    return {**{k: float(np.asarray(v)) for k, v in metrics.items()}, **results}
-
-
-def make_evaluator(
-    config: ml_collections.ConfigDict, model: CLIP, mesh: jax.sharding.Mesh
-) -> Callable[[Any], dict[str, float]]:
-    """`evaluate(state)`: zero-shot classification on held-out data (`eval.zeroshot`).
-
-    The jitted encoders and the held-out images are made once, so a periodic
-    evaluation neither recompiles nor redraws its data.
-    """
-    if not config.eval.zeroshot:
-        return lambda state: {}
-    encode_images, encode_texts = make_encode_fns(config, model, mesh)
-    held_out = shapes.eval_set(
-        config.seed, config.eval.num_examples, model.config.vision.image_size
-    )
-
-    def evaluate(state: Any) -> dict[str, float]:
-        variables = {"params": state.params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        classifier = zero_shot_classifier(
-            lambda tokens: encode_texts(variables, tokens),
-            shapes.class_names(),
-            shapes.ZEROSHOT_TEMPLATES,
-            model.config.text.context_length,
-        )
-        accuracy = evaluate_zero_shot(
-            lambda images: encode_images(variables, images),
-            classifier,
-            held_out["images"],
-            held_out["label"],
-        )
-        return {f"zeroshot/{name}": value for name, value in accuracy.items()}
-
-    return evaluate
+    summary = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    return {**summary, **results, "preempted": preempted}

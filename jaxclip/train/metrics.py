@@ -117,7 +117,12 @@ def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
         if "mfu" in scalars:
             parts.append(f"MFU {scalars['mfu']:.1%}")
         parts.append(f"ETA {_format_seconds(scalars['eta_sec'])}")
-    extra = [k for k in scalars if k.startswith(("zeroshot/", "eval/"))]
+    # Evaluation results: "<evaluator>/<metric>" (not the data pipeline's counts).
+    extra = [
+        k
+        for k in scalars
+        if "/" in k and not k.startswith("data/") and not k.endswith("/seconds")
+    ]
     parts += [f"{k} {scalars[k]:.4f}" for k in extra]
     return " | ".join(parts)
 

@@ -1,0 +1,378 @@
+"""Evaluators listed in the config, run during training and by `python -m jaxclip.evaluate`.
+
+Each entry of `config.evals` is one evaluator, as in big_vision: a kind, a dataset and
+a period.
+
+    config.evals.imagenet = evaluators.config(
+        "zeroshot", "folder", path="/data/imagenet/val", classnames="imagenet",
+        every_steps=5000)
+    config.evals.coco = evaluators.config(
+        "retrieval", "karpathy", path="/data/coco/dataset_coco.json",
+        data_dir="/data/coco")
+
+Results are named `<entry>/<metric>` (`imagenet/top1`, `coco/image_to_text/R@1`) and
+go to the console, TensorBoard and `metrics.jsonl`. Every process runs every
+evaluator (each embeds its share of the images; see embed.py), and gets the same
+numbers.
+
+Kinds:
+- `zeroshot`: top1, top5, mean_per_class_recall, with class embeddings from the
+  prompt ensemble (`classnames`, `templates`; see prompts.py).
+- `retrieval`: image_to_text/R@1,5,10, mean_rank, median_rank and the same for
+  text_to_image, ranked sharded across the devices (retrieval.py).
+- `linear_probe`: the CLIP paper's logistic regression on frozen image features of
+  `train_split`, L2 strength chosen on a validation part of it, scored on `split`
+  (linear_probe.py, in JAX).
+
+Datasets (`dataset`): `shapes` (the demo's held-out shapes), `digits` (scikit-learn's
+digits, split 'train' or 'test'), `tfds` (`path` = the dataset name, `data_dir`,
+`split`), `folder` (`path` = an ImageNet-style class-per-folder tree), `csv` (`path`
+= a CSV/TSV file of image paths with labels, or with captions for retrieval) and
+`karpathy` (`path` = a Karpathy split JSON for COCO/Flickr30k, `data_dir` = the
+image root).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxclip.data import digits, shapes
+from jaxclip.data.tokenizer import TokenizerSpec
+from jaxclip.evaluate import prompts
+from jaxclip.evaluate.datasets import ClassificationSet, RetrievalSet
+from jaxclip.evaluate.embed import embed_rows
+from jaxclip.evaluate.retrieval import retrieval_metrics
+from jaxclip.evaluate.zeroshot import classification_metrics, zero_shot_classifier
+
+KINDS = ("zeroshot", "retrieval", "linear_probe")
+DATASETS = ("shapes", "digits", "tfds", "folder", "csv", "karpathy")
+# Which datasets each kind can read.
+_KIND_DATASETS = {
+    "zeroshot": ("shapes", "digits", "tfds", "folder", "csv"),
+    "linear_probe": ("shapes", "digits", "tfds", "folder", "csv"),
+    "retrieval": ("csv", "karpathy"),
+}
+
+
+def config(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
+    """One evaluator's config: every field with its default, then `fields`."""
+    entry = ml_collections.ConfigDict(
+        {
+            "kind": kind,  # zeroshot | retrieval | linear_probe
+            "dataset": dataset,  # shapes | digits | tfds | folder | csv | karpathy
+            # during training, every this many steps; 0: once, at the end; -1: off
+            "every_steps": 0,
+            "batch_size": 256,  # images (or texts) embedded per global batch
+            "path": "",  # tfds name, folder root, CSV/TSV file or Karpathy JSON
+            "split": "test",  # tfds / digits / Karpathy split evaluated
+            "data_dir": "",  # tfds data_dir; Karpathy image root
+            "num_examples": 0,  # only the first n images (0: all)
+            "image_key": "image",  # tfds features
+            "label_key": "label",
+            "image_column": "filepath",  # CSV columns
+            "label_column": "label",
+            "caption_column": "title",
+            # zeroshot: class names and prompts: "" (the dataset's own), a packaged
+            # set (imagenet, cifar10, cifar100; templates also 'simple') or a file
+            "classnames": "",
+            "templates": "",
+            "train_split": "train",  # linear_probe: the split the probe is fit on
+            "train_num_examples": 0,
+        }
+    )
+    for name, value in fields.items():
+        if name not in entry:
+            raise ValueError(f"evaluator config has no field {name!r}")
+        entry[name] = value
+    return entry
+
+
+def validate(evals: ml_collections.ConfigDict) -> None:
+    """Refuse an evaluator that cannot run, naming the field (raises ValueError)."""
+    for name, entry in evals.items():
+        where = f"evals.{name}"
+        if "/" in name:
+            raise ValueError(f"{where}: an evaluator name cannot contain '/'")
+        default = config("zeroshot", "shapes")
+        unknown = sorted(set(entry.keys()) - set(default.keys()))
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}")
+        if entry.get("kind") not in KINDS:
+            raise ValueError(
+                f"{where}.kind={entry.get('kind')!r}; expected one of {list(KINDS)}"
+            )
+        if entry.get("dataset") not in _KIND_DATASETS[entry.kind]:
+            raise ValueError(
+                f"{where}.dataset={entry.get('dataset')!r}; a {entry.kind} evaluator "
+                f"reads one of {list(_KIND_DATASETS[entry.kind])}"
+            )
+        for field, least in (
+            ("every_steps", -1),
+            ("num_examples", 0),
+            ("train_num_examples", 0),
+        ):
+            value = entry.get(field, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(
+                    f"{where}.{field}={value!r} must be an integer >= {least}"
+                )
+        if not isinstance(entry.get("batch_size"), int) or entry.batch_size < 1:
+            raise ValueError(
+                f"{where}.batch_size={entry.get('batch_size')!r} must be >= 1"
+            )
+        if entry.dataset in ("tfds", "folder", "csv", "karpathy") and not entry.path:
+            raise ValueError(f"{where}: dataset={entry.dataset!r} needs a path")
+        if entry.dataset == "karpathy" and not entry.data_dir:
+            raise ValueError(f"{where}: dataset='karpathy' needs data_dir (the images)")
+        if entry.dataset == "digits":
+            for field in ("split", "train_split"):
+                if entry[field] not in digits.SPLITS:
+                    raise ValueError(
+                        f"{where}.{field}={entry[field]!r}; digits has splits "
+                        f"{list(digits.SPLITS)}"
+                    )
+
+
+# --- Datasets.
+
+
+def _limit(count: int) -> int | None:
+    return count or None
+
+
+def classification_set(
+    entry: ml_collections.ConfigDict,
+    image_size: int,
+    split: str,
+    num_examples: int,
+    seed: int = 0,
+) -> ClassificationSet:
+    """The labelled images an evaluator reads, built once."""
+    limit = _limit(num_examples)
+    if entry.dataset == "shapes":
+        held_out = shapes.eval_set(seed, num_examples or 1000, image_size)
+        return ClassificationSet.from_arrays(
+            held_out["images"], held_out["label"], shapes.class_names(), "shapes"
+        )
+    if entry.dataset == "digits":
+        data = digits.labelled(split, image_size)
+        images, labels = data["images"][:limit], data["label"][:limit]
+        return ClassificationSet.from_arrays(
+            images, labels, digits.class_names(), f"digits/{split}"
+        )
+    names = prompts.class_names(entry.classnames) if entry.classnames else None
+    if entry.dataset == "tfds":
+        return ClassificationSet.from_tfds(
+            entry.path,
+            split,
+            entry.data_dir or None,
+            entry.image_key,
+            entry.label_key,
+            image_size=image_size,
+            class_names=names,
+            num_examples=limit,
+        )
+    if entry.dataset == "folder":
+        return ClassificationSet.from_folder(
+            entry.path, image_size, class_names=names, num_examples=limit
+        )
+    return ClassificationSet.from_csv(
+        entry.path,
+        image_size,
+        entry.image_column,
+        entry.label_column,
+        class_names=names,
+        num_examples=limit,
+    )
+
+
+def retrieval_set(entry: ml_collections.ConfigDict, image_size: int) -> RetrievalSet:
+    """The captioned images a retrieval evaluator reads, built once."""
+    limit = _limit(entry.num_examples)
+    if entry.dataset == "karpathy":
+        return RetrievalSet.from_karpathy_json(
+            entry.path,
+            entry.data_dir,
+            entry.split,
+            image_size=image_size,
+            num_examples=limit,
+        )
+    return RetrievalSet.from_csv(
+        entry.path,
+        image_size,
+        entry.image_column,
+        entry.caption_column,
+        num_examples=limit,
+    )
+
+
+def default_templates(entry: ml_collections.ConfigDict) -> list[str]:
+    """The prompts used when `templates` is empty: the dataset's own sentences for the
+    built-in sets, the matching packaged set for CIFAR, else the CLIP paper's 80."""
+    if entry.templates:
+        return prompts.templates(entry.templates)
+    if entry.dataset == "shapes":
+        return list(shapes.ZEROSHOT_TEMPLATES)
+    if entry.dataset == "digits":
+        return list(digits.ZEROSHOT_TEMPLATES)
+    for name in (entry.classnames, entry.path.split(":")[0]):
+        if name in prompts.TEMPLATE_SETS:
+            return prompts.templates(name)
+    return prompts.templates("imagenet")
+
+
+# --- Evaluators.
+
+Variables = dict[str, Any]
+Encoders = tuple[Callable, Callable]  # jitted encode_images, encode_texts(variables, x)
+
+
+class Evaluator:
+    """One `config.evals` entry: its data is read once; `run(variables)` evaluates."""
+
+    def __init__(
+        self,
+        name: str,
+        entry: ml_collections.ConfigDict,
+        encoders: Encoders,
+        mesh: Mesh,
+        image_size: int,
+        context_length: int,
+        tokenizer: TokenizerSpec,
+        seed: int = 0,
+    ):
+        self.name, self.entry, self.mesh = name, entry, mesh
+        self.every_steps = entry.every_steps
+        self.encode_images, self.encode_texts = encoders
+        self.context_length = context_length
+        self.tokenizer = tokenizer
+        if entry.kind == "retrieval":
+            self.data = retrieval_set(entry, image_size)
+            self.tokens = tokenizer(self.data.captions, context_length)
+        else:
+            self.data = classification_set(
+                entry, image_size, entry.split, entry.num_examples, seed
+            )
+        if entry.kind == "linear_probe":
+            self.train_data = classification_set(
+                entry, image_size, entry.train_split, entry.train_num_examples, seed
+            )
+        if entry.kind == "zeroshot":
+            self.templates = default_templates(entry)
+
+    def due(self, step: int) -> bool:
+        """Whether this evaluator runs after training step `step` (periodic ones)."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def due_at_end(self, last_step: int) -> bool:
+        """Whether it runs once training ends (unless it just ran at `last_step`)."""
+        return self.every_steps >= 0 and not self.due(last_step)
+
+    def _embed_images(self, variables: Variables, data: Any) -> np.ndarray:
+        return embed_rows(
+            lambda images: self.encode_images(variables, images),
+            data.load,
+            len(data),
+            self.entry.batch_size,
+            self.mesh,
+        )
+
+    def _embed_tokens(self, variables: Variables, tokens: np.ndarray) -> np.ndarray:
+        return embed_rows(
+            lambda batch: self.encode_texts(variables, batch),
+            lambda start, stop: tokens[start:stop],
+            len(tokens),
+            self.entry.batch_size,
+            self.mesh,
+        )
+
+    def run(self, variables: Variables) -> dict[str, float]:
+        """This evaluator's metrics, named `<name>/<metric>`."""
+        start = time.perf_counter()
+        if self.entry.kind == "zeroshot":
+            results = self._zeroshot(variables)
+        elif self.entry.kind == "retrieval":
+            results = self._retrieval(variables)
+        else:
+            results = self._linear_probe(variables)
+        skipped = sum(self.data.skipped.values())
+        if self.entry.kind == "linear_probe":
+            skipped += sum(self.train_data.skipped.values())
+        if skipped:
+            results["skipped"] = skipped
+        results["seconds"] = time.perf_counter() - start
+        return {f"{self.name}/{metric}": float(v) for metric, v in results.items()}
+
+    def _zeroshot(self, variables: Variables) -> dict[str, float]:
+        classifier = zero_shot_classifier(
+            lambda tokens: self._embed_tokens(variables, tokens),
+            self.data.class_names,
+            self.templates,
+            self.context_length,
+            tokenizer=self.tokenizer,
+        )
+        features = _normalize(self._embed_images(variables, self.data))
+        logits = features @ np.asarray(classifier, np.float32).T
+        return classification_metrics(logits, self.data.labels)
+
+    def _retrieval(self, variables: Variables) -> dict[str, float]:
+        image_emb = self._embed_images(variables, self.data)
+        text_emb = self._embed_tokens(variables, self.tokens)
+        return retrieval_metrics(
+            image_emb, text_emb, self.data.text_to_image, mesh=self.mesh
+        )
+
+    def _linear_probe(self, variables: Variables) -> dict[str, float]:
+        from jaxclip.evaluate.linear_probe import linear_probe
+
+        train = _normalize(self._embed_images(variables, self.train_data))
+        test = _normalize(self._embed_images(variables, self.data))
+        results = linear_probe(
+            train,
+            self.train_data.labels,
+            test,
+            self.data.labels,
+            len(self.data.class_names),
+        )
+        # linear_probe names its metrics 'linear_probe/...'; the entry names them here.
+        return {metric.split("/", 1)[-1]: value for metric, value in results.items()}
+
+
+def _normalize(features: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def make_evaluators(
+    evals: ml_collections.ConfigDict,
+    encoders: Encoders,
+    mesh: Mesh,
+    image_size: int,
+    context_length: int,
+    tokenizer: TokenizerSpec,
+    seed: int = 0,
+) -> list[Evaluator]:
+    """One Evaluator per `config.evals` entry, in the config's order."""
+    validate(evals)
+    return [
+        Evaluator(
+            name, entry, encoders, mesh, image_size, context_length, tokenizer, seed
+        )
+        for name, entry in evals.items()
+    ]
+
+
+def run_all(evaluators: Sequence[Evaluator], variables: Variables) -> dict[str, float]:
+    """Every evaluator's metrics, merged."""
+    results: dict[str, float] = {}
+    for evaluator in evaluators:
+        results.update(evaluator.run(variables))
+    jax.block_until_ready(variables)
+    return results
