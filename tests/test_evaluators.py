@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +170,20 @@ def test_evaluator_configs_are_checked():
     with pytest.raises(ValueError, match="no field 'colour'"):
         evaluators.config("zeroshot", "shapes", colour="red")
 
+    benchmarks = _load_config_module("evaluate")
+    validate_config(benchmarks.get_config("imagenet,cifar10,cifar100,coco,flickr30k"))
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        benchmarks.get_config("imagenet,mnist")
+
+
+def _load_config_module(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_config", os.path.join(REPO, "configs", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def _records(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -191,12 +206,7 @@ def demo_flags(workdir) -> list[str]:
 
 
 def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "demo", os.path.join(REPO, "configs", "demo.py")
-    )
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config = demo.get_config()
+    config = _load_config_module("demo").get_config()
     for flag in demo_flags(tmp_path)[2:]:
         field, value = flag[len("--config.") :].split("=")
         *sections, name = field.split(".")
@@ -235,84 +245,139 @@ def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, best_params, regular)
 
 
-def test_standalone_evaluation_writes_results_json(tmp_path):
-    workdir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    train = subprocess.run(
-        [sys.executable, "-m", "jaxclip.train", *demo_flags(workdir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    output = tmp_path / "out" / "results.json"
-    evaluate = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxclip.evaluate",
-            "--config=configs/demo.py",
-            f"--checkpoint={workdir}",
-            f"--output={output}",
-            "--config.evals.zeroshot.num_examples=48",
-            "--config.mesh.shape=(2,2,2)",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    report = json.loads(output.read_text())
-    assert report["model"] == "tiny-vit"
-    # The same weights and evaluator as the run's final evaluation (on another mesh).
-    final = [r for r in _records(workdir) if r["step"] == 5 and "zeroshot/top1" in r]
-    for metric in ("top1", "top5", "mean_per_class_recall"):
-        name = f"zeroshot/{metric}"
-        assert report["results"][name] == final[0][name]
-    assert f"zeroshot/top1: {final[0]['zeroshot/top1']:.4f}" in evaluate.stdout
-
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxclip.evaluate",
-            "--config=configs/demo.py",
-            f"--checkpoint={tmp_path / 'nothing'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert missing.returncode == 2 and "error:" in missing.stderr
-
-
-def test_digits_recipe_trains_through_the_cli(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxclip.train",
-            "--config=configs/digits.py",
-            f"--workdir={tmp_path}",
-            "--config.train.steps=2",
-            "--config.train.batch_size=32",
-            "--config.evals.digits.num_examples=40",
-            "--config.evals.digits_probe.num_examples=40",
-            "--config.evals.digits_probe.train_num_examples=100",
-        ],
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "PYTHONPATH": REPO},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
+    workdir = tmp_path / "run"
+    small = [
+        "--config.evals.digits.num_examples=40",
+        "--config.evals.digits_probe.num_examples=40",
+        "--config.evals.digits_probe.train_num_examples=100",
+    ]
+    train = run_module(
+        "jaxclip.train",
+        "--config=configs/digits.py",
+        f"--workdir={workdir}",
+        "--config.train.steps=2",
+        "--config.train.batch_size=32",
+        *small,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
     for metric in ("digits/top1", "digits_probe/top1", "digits_probe/l2"):
-        assert f"{metric}:" in result.stdout
-    assert os.listdir(tmp_path / "best") == ["2"]
+        assert f"{metric}:" in train.stdout
+    assert os.listdir(workdir / "best") == ["2"]
+
+    # The same weights and evaluators, standalone, on another mesh.
+    output = tmp_path / "out" / "results.json"
+    evaluate = run_module(
+        "jaxclip.evaluate",
+        "--config=configs/digits.py",
+        f"--checkpoint={workdir}",
+        f"--output={output}",
+        "--config.mesh.shape=(2,2,2)",
+        *small,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["model"] == "demo-vit"
+    final = {}
+    for record in _records(workdir):
+        if record["step"] == 2:
+            final.update(record)
+    for name in ("digits/top1", "digits/top5", "digits_probe/top1"):
+        assert report["results"][name] == final[name], name
+    assert f"digits/top1: {final['digits/top1']:.4f}" in evaluate.stdout
+
+    missing = run_module(
+        "jaxclip.evaluate", "--config=configs/digits.py", f"--checkpoint={tmp_path}/x"
+    )
+    assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def _retrieval_reference(image_emb, text_emb, text_to_image, k):
+    """R@k both ways from a float64 score matrix (ties: the lower index first)."""
+    scores = image_emb.astype(np.float64) @ text_emb.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    i2t = np.mean(
+        [
+            np.isin(order[i, :k], np.flatnonzero(text_to_image == i)).any()
+            for i in range(len(scores))
+        ]
+    )
+    order = np.argsort(-scores.T, axis=1, kind="stable")
+    t2i = np.mean([image in order[t, :k] for t, image in enumerate(text_to_image)])
+    return i2t, t2i
+
+
+def test_coco_style_retrieval_with_the_benchmark_config(tmp_path):
+    """configs/evaluate.py:coco on a tiny Karpathy JSON, against jaxclip.load's
+    embeddings ranked in float64."""
+    from PIL import Image
+
+    import jaxclip
+    from jaxclip.evaluate.__main__ import evaluate_checkpoint
+    from jaxclip.train.state import TrainState, make_optimizer
+
+    rng = np.random.default_rng(0)
+    names = ["red", "green", "blue", "white", "black", "grey"]
+    entries = []
+    for number, name in enumerate(names):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{number}.png")
+        sentences = [{"raw": f"a {name} picture"}, {"raw": f"something {name}"}]
+        entries.append(
+            {"filename": f"{number}.png", "split": "test", "sentences": sentences}
+        )
+    entries.append({"filename": "9.png", "split": "train", "sentences": [{"raw": "x"}]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+
+    # A tiny-vit checkpoint as the trainer writes it.
+    config = base_config()
+    config.model.name = "tiny-vit"
+    model = CLIP(get_model_config("tiny-vit"), scan=False)
+    params = nn.meta.unbox(
+        model.init(
+            jax.random.key(2),
+            jnp.zeros((1, 32, 32, 3)),
+            jnp.zeros((1, CONTEXT), jnp.int32),
+            train=False,
+        )["params"]
+    )
+    state = TrainState(
+        step=jnp.asarray(3, jnp.int32),
+        params=params,
+        opt_state=make_optimizer(config).init(params),
+        batch_stats={},
+        nonfinite_streak=jnp.asarray(0, jnp.int32),
+        nonfinite_total=jnp.asarray(0, jnp.int32),
+    )
+    checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    checkpointer.save(3, state, {}, json.loads(config.to_json_best_effort()))
+    checkpointer.close()
+
+    eval_config = _load_config_module("evaluate").get_config("coco")
+    eval_config.evals.coco.path = str(tmp_path / "karpathy.json")
+    eval_config.evals.coco.data_dir = str(tmp_path)
+    eval_config.evals.coco.batch_size = 4  # several batches, the last one padded
+    report = evaluate_checkpoint(eval_config, str(tmp_path / "run"), [])
+    results = report["results"]
+
+    loaded = jaxclip.load(str(tmp_path / "run"))
+    images = np.stack([np.asarray(Image.open(tmp_path / f"{n}.png")) for n in range(6)])
+    captions = [s["raw"] for entry in entries[:6] for s in entry["sentences"]]
+    image_emb = loaded.model.encode_image(loaded.variables, images)
+    text_emb = loaded.model.encode_text(loaded.variables, captions)
+    text_to_image = np.repeat(np.arange(6), 2)
+    for k in (1, 5, 10):
+        i2t, t2i = _retrieval_reference(image_emb, text_emb, text_to_image, k)
+        assert results[f"coco/image_to_text/R@{k}"] == pytest.approx(i2t)
+        assert results[f"coco/text_to_image/R@{k}"] == pytest.approx(t2i)

@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -83,7 +82,10 @@ def config(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
             # set (imagenet, cifar10, cifar100; templates also 'simple') or a file
             "classnames": "",
             "templates": "",
-            "train_split": "train",  # linear_probe: the split the probe is fit on
+            # linear_probe: what the probe is fit on: this split (tfds, digits), or
+            # for folder and csv datasets this path
+            "train_split": "train",
+            "train_path": "",
             "train_num_examples": 0,
         }
     )
@@ -129,6 +131,15 @@ def validate(evals: ml_collections.ConfigDict) -> None:
             )
         if entry.dataset in ("tfds", "folder", "csv", "karpathy") and not entry.path:
             raise ValueError(f"{where}: dataset={entry.dataset!r} needs a path")
+        if (
+            entry.kind == "linear_probe"
+            and entry.dataset in ("folder", "csv")
+            and not entry.train_path
+        ):
+            raise ValueError(
+                f"{where}: a linear probe on dataset={entry.dataset!r} needs "
+                "train_path (the images to fit on; path holds those it is scored on)"
+            )
         if entry.dataset == "karpathy" and not entry.data_dir:
             raise ValueError(f"{where}: dataset='karpathy' needs data_dir (the images)")
         if entry.dataset == "digits":
@@ -153,9 +164,11 @@ def classification_set(
     split: str,
     num_examples: int,
     seed: int = 0,
+    path: str = "",
 ) -> ClassificationSet:
-    """The labelled images an evaluator reads, built once."""
+    """The labelled images an evaluator reads (at `path`, default the entry's)."""
     limit = _limit(num_examples)
+    path = path or entry.path
     if entry.dataset == "shapes":
         held_out = shapes.eval_set(seed, num_examples or 1000, image_size)
         return ClassificationSet.from_arrays(
@@ -170,7 +183,7 @@ def classification_set(
     names = prompts.class_names(entry.classnames) if entry.classnames else None
     if entry.dataset == "tfds":
         return ClassificationSet.from_tfds(
-            entry.path,
+            path,
             split,
             entry.data_dir or None,
             entry.image_key,
@@ -181,10 +194,10 @@ def classification_set(
         )
     if entry.dataset == "folder":
         return ClassificationSet.from_folder(
-            entry.path, image_size, class_names=names, num_examples=limit
+            path, image_size, class_names=names, num_examples=limit
         )
     return ClassificationSet.from_csv(
-        entry.path,
+        path,
         image_size,
         entry.image_column,
         entry.label_column,
@@ -262,7 +275,12 @@ class Evaluator:
             )
         if entry.kind == "linear_probe":
             self.train_data = classification_set(
-                entry, image_size, entry.train_split, entry.train_num_examples, seed
+                entry,
+                image_size,
+                entry.train_split,
+                entry.train_num_examples,
+                seed,
+                path=entry.train_path,
             )
         if entry.kind == "zeroshot":
             self.templates = default_templates(entry)
@@ -340,6 +358,7 @@ class Evaluator:
             test,
             self.data.labels,
             len(self.data.class_names),
+            mesh=self.mesh,
         )
         # linear_probe names its metrics 'linear_probe/...'; the entry names them here.
         return {metric.split("/", 1)[-1]: value for metric, value in results.items()}
@@ -374,5 +393,4 @@ def run_all(evaluators: Sequence[Evaluator], variables: Variables) -> dict[str, 
     results: dict[str, float] = {}
     for evaluator in evaluators:
         results.update(evaluator.run(variables))
-    jax.block_until_ready(variables)
     return results
