@@ -324,7 +324,7 @@ def test_coco_style_retrieval_with_the_benchmark_config(tmp_path):
     from PIL import Image
 
     import jaxclip
-    from jaxclip.evaluate.__main__ import evaluate_checkpoint
+    from jaxclip.evaluate.standalone import evaluate_checkpoint
     from jaxclip.train.state import TrainState, make_optimizer
 
     rng = np.random.default_rng(0)

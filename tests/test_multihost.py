@@ -50,13 +50,15 @@ ENV = {
 }
 
 
-# A tiny recipe from the base config: no evaluation, two saves (steps 5 and 10), every
-# step's loss in metrics.jsonl.
+# A tiny recipe from the base config: two saves (steps 5 and 10), every step's loss in
+# metrics.jsonl, a small zero-shot evaluation at the end.
 RECIPE = f"""
 from jaxclip.config import base_config
 
 
 def get_config(arg=None):
+    from jaxclip.evaluate import evaluators
+
     config = base_config()
     config.model.name = "tiny-vit"
     config.model.scan = False
@@ -66,6 +68,7 @@ def get_config(arg=None):
     config.optim.warmup_steps = 2
     config.log.every_steps = 1
     config.checkpoint.every_steps = 5
+    config.evals.zeroshot = evaluators.config("zeroshot", "shapes", num_examples=48)
     return config
 """
 
@@ -174,6 +177,32 @@ def test_two_processes_match_one(tmp_path):
         (w / "checkpoints" / str(STEPS) / "data" / "metadata") for w in (multi, single)
     ]
     assert json.loads(data[0].read_text()) == json.loads(data[1].read_text())
+
+    # Evaluation on 2 processes (each embedding its share) gives exactly what the
+    # single process's run computed at its end, from the same weights.
+    output = io.StringIO()
+    code = local.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxclip.evaluate",
+            f"--config={recipe}",
+            f"--checkpoint={single}",
+            f"--output={tmp_path / 'results.json'}",
+        ],
+        2,
+        4,
+        log_dir=str(tmp_path / "eval-logs"),
+        timeout=240,
+        env=ENV,
+        output=output,
+        grace=5,
+    )
+    assert code == 0, output.getvalue()[-3000:]
+    evaluated = json.loads((tmp_path / "results.json").read_text())["results"]
+    final = [json.loads(line) for line in (single / "metrics.jsonl").open()][-1]
+    for metric in ("top1", "top5", "mean_per_class_recall"):
+        assert evaluated[f"zeroshot/{metric}"] == final[f"zeroshot/{metric}"]
 
 
 # --- The launcher itself (no JAX in the children: fast).

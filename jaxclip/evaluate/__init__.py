@@ -1,1 +1,3 @@
-"""Evaluation: zero-shot classification (retrieval and linear probes come later)."""
+"""Evaluation: zero-shot classification, image-text retrieval and linear probes, run
+by the evaluators of `config.evals` during training or by `python -m jaxclip.evaluate`
+(evaluators.py)."""

@@ -55,18 +55,3 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     recalls = [np.mean(predicted[labels == c] == c) for c in present]
     metrics["mean_per_class_recall"] = float(np.mean(recalls))
     return metrics
-
-
-def evaluate_zero_shot(
-    encode_images: Callable[[np.ndarray], jax.Array],
-    classifier: jax.Array,
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int = 256,
-) -> dict[str, float]:
-    """Top-1 / top-5 accuracy of the zero-shot classifier on labelled uint8 images."""
-    logits = [
-        np.asarray(encode_images(images[start : start + batch_size]) @ classifier.T)
-        for start in range(0, len(images), batch_size)
-    ]
-    return topk_accuracy(np.concatenate(logits), labels)
