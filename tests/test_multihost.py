@@ -1,8 +1,10 @@
 """Multi-process training on loopback: 2 processes x 4 CPU devices against 1 x 8.
 
 The runs go through `launch/local.py` (the launcher users run), with the shapes input
-pipeline, per-step metrics and two multi-process orbax saves. Every child process is
-bounded by the launcher's timeout and killed with its process group on any exit.
+pipeline, per-step metrics and multi-process orbax saves; the 2-process run is
+preempted with SIGTERM half-way (JAX's preemption sync point) and resumed, and the
+single process's final weights are evaluated again on 2 processes. Every child process
+is bounded by the launcher's timeout and killed with its process group on any exit.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib.util
 import io
 import json
 import os
+import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -129,25 +133,72 @@ def restore_state(step_dir) -> dict:
     return jax.tree.map(np.asarray, restored)
 
 
+def preempt_then_resume(recipe, workdir, log_dir) -> tuple[int, str]:
+    """A 2 x 4 run through the launcher's command line, SIGTERM'd once step 3 is
+    logged (preemption: every process saves the same step), then resumed to the end.
+    Returns (the step saved at the preemption, the resumed run's output)."""
+    interrupted = pathlib.Path(f"{log_dir}-interrupted.out")
+    with interrupted.open("w") as out:
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(REPO, "launch", "local.py"),
+                "--processes=2",
+                "--devices-per-process=4",
+                f"--log-dir={log_dir}-interrupted",
+                "--timeout=240",
+                "--",
+                sys.executable,
+                os.path.join(REPO, "tests", "fault_harness.py"),
+                f"--config={recipe}",
+                f"--workdir={workdir}",
+            ],
+            cwd=REPO,
+            env={**ENV, "FAULT_STEP_SLEEP": "0.3", "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 240
+        while f"step 3/{STEPS} |" not in interrupted.read_text():
+            if launcher.poll() is not None or time.monotonic() > deadline:
+                launcher.kill()
+                pytest.fail(f"no step 3:\n{interrupted.read_text()[-3000:]}")
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(240) == 0, interrupted.read_text()[-3000:]
+    text = interrupted.read_text()
+    saved = re.search(r"preempted \(SIGTERM\): saved step (\d+)", text)
+    assert saved, text[-3000:]
+    output = io.StringIO()
+    code = local.run(
+        train_command(recipe, workdir),
+        2,
+        4,
+        log_dir=f"{log_dir}-resumed",
+        timeout=240,
+        env=ENV,
+        output=output,
+        grace=5,
+    )
+    assert code == 0, output.getvalue()[-3000:]
+    return int(saved.group(1)), output.getvalue()
+
+
 def test_two_processes_match_one(tmp_path):
+    """2 x 4 (preempted by SIGTERM and resumed) against 1 x 8, uninterrupted."""
     results: dict = {}
     multi, single = tmp_path / "2x4", tmp_path / "1x8"
     recipe = tmp_path / "recipe.py"
     recipe.write_text(RECIPE)
-    threads = [
-        launch_in_thread(results, "2x4", recipe, multi, processes=2, devices=4),
-        launch_in_thread(results, "1x8", recipe, single, processes=1, devices=8),
-    ]
-    for thread in threads:
-        thread.join()
-    for name in ("2x4", "1x8"):
-        code, output = results[name]
-        worker_log = ""
-        if name == "2x4":
-            worker_log = (tmp_path / "2x4-logs" / "process_1.log").read_text()[-3000:]
-        assert code == 0, f"{name} exited {code}:\n{output[-3000:]}\n{worker_log}"
-    assert "2 processes (explicit); this is process 0" in results["2x4"][1]
-    assert f"step {STEPS}/{STEPS}" in results["2x4"][1]
+    thread = launch_in_thread(results, "1x8", recipe, single, processes=1, devices=8)
+    preempted_at, resumed_output = preempt_then_resume(recipe, multi, tmp_path / "2x4")
+    thread.join()
+    code, output = results["1x8"]
+    assert code == 0, f"1x8 exited {code}:\n{output[-3000:]}"
+    assert 3 <= preempted_at < STEPS
+    assert "2 processes (explicit); this is process 0" in resumed_output
+    assert f"resumed from step {preempted_at}" in resumed_output
+    assert f"step {STEPS}/{STEPS}" in resumed_output
 
     # Not bit-identical: across processes XLA:CPU all-reduces with gloo's ring
     # algorithm, which adds the 8 devices' partial sums in another order than the
@@ -159,11 +210,11 @@ def test_two_processes_match_one(tmp_path):
     # Each layout on its own is bit-for-bit repeatable.
     np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-6, atol=0)
 
-    # Both saved steps 5 and 10; the multi-process checkpoint holds both processes'
-    # shards and restores whole here.
-    for workdir in (multi, single):
+    # Both saved steps 5 and 10 (and 2 x 4 the preempted step); the multi-process
+    # checkpoint holds both processes' shards and restores whole here.
+    for workdir, expected in ((multi, {preempted_at, 5, 10}), (single, {5, 10})):
         saved = [name for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
-        assert sorted(saved, key=int) == ["5", "10"]
+        assert {int(name) for name in saved} == expected
     multi_state = restore_state(multi / "checkpoints" / str(STEPS))
     single_state = restore_state(single / "checkpoints" / str(STEPS))
     assert int(multi_state["step"]) == int(single_state["step"]) == STEPS
