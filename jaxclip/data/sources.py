@@ -251,6 +251,26 @@ class CsvSource:
         return {"key": key, "image": image, "caption": caption, "error": None}
 
 
+def tfds_info(name: str, split: str, data_dir: str | None) -> Any:
+    """The prepared tfds dataset's `DatasetInfo`; a clear error if it or `split` is
+    missing (FileNotFoundError, ValueError). tfds itself is imported here, on use."""
+    import tensorflow_datasets as tfds  # optional dependency
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as error:  # tfds raises several types for "not found"
+        first_line = str(error).strip().split("\n")[0]  # then every known name
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} not found in data_dir {data_dir!r} ({first_line})"
+        ) from None
+    info = builder.info
+    if split not in info.splits:
+        raise ValueError(
+            f"tfds dataset {name!r} has no split {split!r}; it has {sorted(info.splits)}"
+        )
+    return info
+
+
 class TfdsSource:
     """A tfds dataset stored as array_record, read through `tfds.data_source`.
 
@@ -266,25 +286,10 @@ class TfdsSource:
         image_key: str = "image",
         caption_key: str = "caption",
     ):
-        import tensorflow_datasets as tfds  # optional dependency, imported on use
-
         self.name, self.split = name, split
         self.data_dir = data_dir or None
         self.image_key, self.caption_key = image_key, caption_key
-        try:
-            builder = tfds.builder(name, data_dir=self.data_dir)
-        except Exception as error:  # tfds raises several types for "not found"
-            first_line = str(error).strip().split("\n")[0]  # then every known name
-            raise FileNotFoundError(
-                f"tfds dataset {name!r} not found in data_dir {data_dir!r} "
-                f"({first_line})"
-            ) from None
-        info = builder.info
-        if split not in info.splits:
-            raise ValueError(
-                f"tfds dataset {name!r} has no split {split!r}; it has "
-                f"{sorted(info.splits)}"
-            )
+        info = tfds_info(name, split, data_dir)
         features = set(info.features.keys())
         for key in (image_key, caption_key):
             if key not in features:

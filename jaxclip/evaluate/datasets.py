@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxclip.data.sources import tfds_info
 from jaxclip.data.transforms import (
     BadImage,
     caption_text,
@@ -279,7 +280,20 @@ def _limit(count: int, num_examples: int | None) -> int:
     return min(count, num_examples)
 
 
-class ClassificationSet:
+class _ImageSet:
+    """What both kinds of set share: `len()` and `load(start, stop)` of `images`."""
+
+    images: Images | ArrayImages
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, start: int, stop: int) -> np.ndarray:
+        """Images start..stop-1 as uint8 [stop - start, S, S, 3]."""
+        return self.images.load(start, stop)
+
+
+class ClassificationSet(_ImageSet):
     """Labelled images: `images` (uint8 [n, S, S, 3] on access), `labels` int32 [n],
     `class_names`, and `skipped` (bad images left out, by reason)."""
 
@@ -304,13 +318,6 @@ class ClassificationSet:
                 f"{source}: label {int(outside[0])} is not a class index "
                 f"(0..{len(class_names) - 1})"
             )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, start: int, stop: int) -> np.ndarray:
-        """Images start..stop-1 as uint8 [stop - start, S, S, 3]."""
-        return self.images.load(start, stop)
 
     def __repr__(self) -> str:
         return (
@@ -365,20 +372,7 @@ class ClassificationSet:
         whose names have spaces where tfds has underscores)."""
         import tensorflow_datasets as tfds  # optional dependency, imported on use
 
-        try:
-            builder = tfds.builder(name, data_dir=data_dir or None)
-        except Exception as error:  # tfds raises several types for "not found"
-            first_line = str(error).strip().split("\n")[0]
-            raise FileNotFoundError(
-                f"tfds dataset {name!r} not found in data_dir {data_dir!r} "
-                f"({first_line})"
-            ) from None
-        info = builder.info
-        if split not in info.splits:
-            raise ValueError(
-                f"tfds dataset {name!r} has no split {split!r}; it has "
-                f"{sorted(info.splits)}"
-            )
+        info = tfds_info(name, split, data_dir)
         features = info.features
         for key in (image_key, label_key):
             if key not in features:
@@ -584,7 +578,7 @@ def _read_csv(
         ]
 
 
-class RetrievalSet:
+class RetrievalSet(_ImageSet):
     """Captioned images: `images` (uint8 [n, S, S, 3] on access), `captions`,
     `text_to_image` int32 [num_captions] (the image each caption describes),
     `skipped` (images left out, by reason) and `skipped_captions` (by reason;
@@ -605,13 +599,6 @@ class RetrievalSet:
         self.skipped = dict(skipped)
         self.skipped_captions = dict(skipped_captions)
         self.source = source
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, start: int, stop: int) -> np.ndarray:
-        """Images start..stop-1 as uint8 [stop - start, S, S, 3]."""
-        return self.images.load(start, stop)
 
     def __repr__(self) -> str:
         return (
