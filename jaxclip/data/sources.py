@@ -271,6 +271,19 @@ def tfds_info(name: str, split: str, data_dir: str | None) -> Any:
     return info
 
 
+def open_tfds(name: str, split: str, data_dir: str | None, image_key: str) -> Any:
+    """Random access to a prepared tfds split, with `image_key` left as encoded bytes
+    (decoding and cropping happen in one step later)."""
+    import tensorflow_datasets as tfds  # optional dependency
+
+    return tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+    )
+
+
 class TfdsSource:
     """A tfds dataset stored as array_record, read through `tfds.data_source`.
 
@@ -310,14 +323,7 @@ class TfdsSource:
         return state
 
     def _open(self):
-        import tensorflow_datasets as tfds
-
-        self._source = tfds.data_source(
-            self.name,
-            split=self.split,
-            data_dir=self.data_dir,
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-        )
+        self._source = open_tfds(self.name, self.split, self.data_dir, self.image_key)
         return self._source
 
     def __getitem__(self, index: int) -> dict[str, Any]:

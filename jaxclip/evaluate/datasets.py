@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxclip.data.sources import tfds_info
+from jaxclip.data.sources import open_tfds, tfds_info
 from jaxclip.data.transforms import (
     BadImage,
     caption_text,
@@ -100,13 +100,8 @@ class _TfdsImages:
 
     def source(self):
         if self._source is None:
-            import tensorflow_datasets as tfds  # optional dependency
-
-            self._source = tfds.data_source(
-                self.name,
-                split=self.split,
-                data_dir=self.data_dir,
-                decoders={self.image_key: tfds.decode.SkipDecoding()},
+            self._source = open_tfds(
+                self.name, self.split, self.data_dir, self.image_key
             )
         return self._source
 
