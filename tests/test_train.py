@@ -35,6 +35,12 @@ def tiny_config(model_name: str = "tiny-vit", **overrides):
     config.train.steps = 3
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 0  # a non-zero learning rate from the first step
+    # Adam's eps at 1e-3, not 1e-6: a gradient near eps (a channel that barely gets
+    # any) makes g / (|g| + eps) amplify float32 rounding, which differs between a
+    # sharded and a one-device reduction, into a tenth of a step (measured 1.2e-4 on
+    # tiny-rn). With 1e-3 the meshes agree to 1e-7 and the tolerances below test the
+    # sharding, not Adam's conditioning.
+    config.optim.eps = 1e-3
     config.log.every_steps = 1
     config.checkpoint.every_steps = 0
     for key, value in overrides.items():

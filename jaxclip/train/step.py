@@ -221,21 +221,22 @@ def make_train_step(
             loss, grads, out, batch_stats = gradcache_grads(
                 config, model, variables, images, batch["tokens"], accum_steps
             )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = clip_logit_scale(optax.apply_updates(state.params, updates))
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
         # params, optimizer moments and BatchNorm statistics stay as they were, and
         # the counters let the loop stop after `train.max_nonfinite_steps` in a row.
+        # A branch, not a select over the new and old state: selecting would read the
+        # parameters and optimizer moments twice more every step.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def keep_if_not_finite(new, old):
-            return jnp.where(finite, new, old)
-
-        params, opt_state, batch_stats = jax.tree.map(
-            keep_if_not_finite,
-            (params, opt_state, batch_stats),
-            (state.params, state.opt_state, state.batch_stats),
+        updates, opt_state = jax.lax.cond(
+            finite,
+            lambda: tx.update(grads, state.opt_state, state.params),
+            lambda: (jax.tree.map(jnp.zeros_like, state.params), state.opt_state),
+        )
+        # x + 0 == x: a skipped step leaves the parameters bit for bit.
+        params = clip_logit_scale(optax.apply_updates(state.params, updates))
+        batch_stats = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
         )
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         total = state.nonfinite_total + (~finite).astype(jnp.int32)
