@@ -346,30 +346,40 @@ def test_the_cli_reports_repeated_nans_with_exit_status_1(monkeypatch, capsys):
 # --- Restoring onto other meshes.
 
 
+@pytest.fixture(scope="module")
+def saved_on_4x2x1(tmp_path_factory):
+    """A tiny-rn state (BatchNorm statistics too) saved from mesh (4,2,1), 8 devices."""
+    config = demo_config(**{"model.name": "tiny-rn"})
+    mesh = sharding.make_mesh((4, 2, 1))
+    state, _ = create_train_state(
+        build_model(config),
+        make_optimizer(config),
+        mesh,
+        jax.random.key(1),
+        example_batch(config),
+    )
+    directory = str(tmp_path_factory.mktemp("saved_on_4x2x1"))
+    checkpointer = Checkpointer(directory, async_save=False)
+    checkpointer.save(1, state, {"index": 1}, {})
+    checkpointer.close()
+    return config, directory, jax.device_get(state)
+
+
 @pytest.mark.parametrize(
     "target", [((2, 1, 2), 4), ((1, 1, 1), 1)], ids=["(2,1,2)x4", "1 device"]
 )
-def test_a_checkpoint_restores_onto_another_mesh(tmp_path, target):
-    config = demo_config(**{"model.name": "tiny-rn"})  # BatchNorm statistics too
-    mesh = sharding.make_mesh((4, 2, 1))
-    model, tx = build_model(config), make_optimizer(config)
-    state, _ = create_train_state(
-        model, tx, mesh, jax.random.key(1), example_batch(config)
-    )
-    checkpointer = Checkpointer(str(tmp_path), async_save=False)
-    checkpointer.save(1, state, {"index": 1}, {})
-    checkpointer.close()
-
+def test_a_checkpoint_restores_onto_another_mesh(saved_on_4x2x1, target):
+    config, directory, saved = saved_on_4x2x1
     shape, count = target
     other = sharding.make_mesh(shape, jax.devices()[:count])
-    abstract, _ = abstract_train_state(model, tx, other, example_batch(config))
-    checkpointer = Checkpointer(str(tmp_path))
+    abstract, _ = abstract_train_state(
+        build_model(config), make_optimizer(config), other, example_batch(config)
+    )
+    checkpointer = Checkpointer(directory)
     restored, data_state = checkpointer.restore(abstract)
     checkpointer.close()
     assert data_state == {"index": 1}
     for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
         assert leaf.sharding == want.sharding
         assert set(leaf.sharding.device_set) <= set(jax.devices()[:count])
-    jax.tree.map(
-        np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state)
-    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
