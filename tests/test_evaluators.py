@@ -3,7 +3,6 @@ in-training hooks and best checkpoint, the standalone command and the digits rec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from config_util import recipe, recipe_module
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, base_config, validate_config
@@ -23,6 +23,7 @@ from jaxclip.data import digits
 from jaxclip.data.tokenizer import tokenize
 from jaxclip.evaluate import evaluators
 from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
+from jaxclip.evaluate.zeroshot import prompt_texts
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.checkpoint import Checkpointer
@@ -74,20 +75,12 @@ def test_zero_shot_metrics_on_a_constructed_case():
 
 
 def _evaluator_with(entry, data, encoders, mesh, templates):
-    """An Evaluator over `data` (an in-memory set) without reading a dataset."""
-    evaluator = object.__new__(evaluators.Evaluator)
-    evaluator.name, evaluator.entry, evaluator.mesh = "t", entry, mesh
-    evaluator.every_steps = entry.every_steps
-    evaluator.encode_images, evaluator.encode_texts = encoders
-    evaluator.context_length = CONTEXT
-    evaluator.tokenizer = tokenize
-    evaluator.data = data
-    evaluator.templates = templates
+    """An Evaluator over `data` (an in-memory set), tokenized as load_evaluator does."""
     if entry.kind == "retrieval":
-        evaluator.tokens = tokenize(data.captions, CONTEXT)
-    if entry.kind == "linear_probe":
-        evaluator.train_data = data
-    return evaluator
+        tokens = tokenize(data.captions, CONTEXT)
+    else:
+        tokens = tokenize(prompt_texts(data.class_names, templates), CONTEXT)
+    return evaluators.Evaluator("t", entry, encoders, mesh, data, tokens)
 
 
 def _digits_sets(image_size: int):
@@ -170,19 +163,10 @@ def test_evaluator_configs_are_checked():
     with pytest.raises(ValueError, match="no field 'colour'"):
         evaluators.config("zeroshot", "shapes", colour="red")
 
-    benchmarks = _load_config_module("evaluate")
+    benchmarks = recipe_module("evaluate")
     validate_config(benchmarks.get_config("imagenet,cifar10,cifar100,coco,flickr30k"))
     with pytest.raises(ValueError, match="unknown benchmarks"):
         benchmarks.get_config("imagenet,mnist")
-
-
-def _load_config_module(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_config", os.path.join(REPO, "configs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(workdir):
@@ -190,30 +174,21 @@ def _records(workdir):
     return [json.loads(line) for line in lines]
 
 
-def demo_flags(workdir) -> list[str]:
-    return [
-        "--config=configs/demo.py",
-        f"--workdir={workdir}",
-        "--config.model.name=tiny-vit",
-        "--config.train.batch_size=16",
-        "--config.train.steps=5",
-        "--config.optim.warmup_steps=0",
-        "--config.checkpoint.every_steps=1",
-        "--config.checkpoint.keep=10",
-        "--config.evals.zeroshot.num_examples=48",
-        "--config.evals.zeroshot.every_steps=2",
-    ]
+# A tiny run of the demo recipe: zero-shot every 2 steps, a checkpoint every step.
+DEMO_OVERRIDES = {
+    "model.name": "tiny-vit",
+    "train.batch_size": 16,
+    "train.steps": 5,
+    "optim.warmup_steps": 0,
+    "checkpoint.every_steps": 1,
+    "checkpoint.keep": 10,
+    "evals.zeroshot.num_examples": 48,
+    "evals.zeroshot.every_steps": 2,
+}
 
 
 def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path):
-    config = _load_config_module("demo").get_config()
-    for flag in demo_flags(tmp_path)[2:]:
-        field, value = flag[len("--config.") :].split("=")
-        *sections, name = field.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[name] = type(node[name])(value)
+    config = recipe("demo", overrides=DEMO_OVERRIDES)
     config.evals.at_end = evaluators.config(
         "zeroshot", "shapes", num_examples=24, templates="simple"
     )
@@ -364,7 +339,7 @@ def test_coco_style_retrieval_with_the_benchmark_config(tmp_path):
     checkpointer.save(3, state, {}, json.loads(config.to_json_best_effort()))
     checkpointer.close()
 
-    eval_config = _load_config_module("evaluate").get_config("coco")
+    eval_config = recipe_module("evaluate").get_config("coco")
     eval_config.evals.coco.path = str(tmp_path / "karpathy.json")
     eval_config.evals.coco.data_dir = str(tmp_path)
     eval_config.evals.coco.batch_size = 4  # several batches, the last one padded

@@ -7,7 +7,6 @@ this process; on the CPU, resumed runs must end bit-identical to it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_util import recipe
 
 from jaxclip import sharding
 from jaxclip.data.pipeline import ShapesIterator
@@ -50,19 +50,7 @@ TIMEOUT = 240  # seconds for any one wait; the runs themselves take a few second
 
 def demo_config(**extra):
     """configs/demo.py with OVERRIDES (and `extra`), as the CLI flags below set it."""
-    spec = importlib.util.spec_from_file_location(
-        "demo_config", os.path.join(REPO, "configs", "demo.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for field, value in {**OVERRIDES, **extra}.items():
-        *sections, name = field.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[name] = value
-    return config
+    return recipe("demo", overrides={**OVERRIDES, **extra})
 
 
 def cli_flags(workdir, cache_dir) -> list[str]:

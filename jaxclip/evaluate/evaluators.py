@@ -48,7 +48,11 @@ from jaxclip.evaluate import prompts
 from jaxclip.evaluate.datasets import ClassificationSet, RetrievalSet
 from jaxclip.evaluate.embed import embed_rows
 from jaxclip.evaluate.retrieval import retrieval_metrics
-from jaxclip.evaluate.zeroshot import classification_metrics, zero_shot_classifier
+from jaxclip.evaluate.zeroshot import (
+    class_embeddings,
+    classification_metrics,
+    prompt_texts,
+)
 
 KINDS = ("zeroshot", "retrieval", "linear_probe")
 DATASETS = ("shapes", "digits", "tfds", "folder", "csv", "karpathy")
@@ -248,7 +252,12 @@ Encoders = tuple[Callable, Callable]  # jitted encode_images, encode_texts(varia
 
 
 class Evaluator:
-    """One `config.evals` entry: its data is read once; `run(variables)` evaluates."""
+    """One `config.evals` entry over data read once; `run(variables)` evaluates.
+
+    `tokens`: the prompts' tokens (zeroshot, class by class as `prompt_texts` orders
+    them) or the captions' (retrieval), tokenized once here rather than at every run.
+    `train_data`: what a linear probe is fit on.
+    """
 
     def __init__(
         self,
@@ -256,34 +265,17 @@ class Evaluator:
         entry: ml_collections.ConfigDict,
         encoders: Encoders,
         mesh: Mesh,
-        image_size: int,
-        context_length: int,
-        tokenizer: TokenizerSpec,
-        seed: int = 0,
+        data: ClassificationSet | RetrievalSet,
+        tokens: np.ndarray | None = None,
+        train_data: ClassificationSet | None = None,
     ):
         self.name, self.entry, self.mesh = name, entry, mesh
-        self.every_steps = entry.every_steps
         self.encode_images, self.encode_texts = encoders
-        self.context_length = context_length
-        self.tokenizer = tokenizer
-        if entry.kind == "retrieval":
-            self.data = retrieval_set(entry, image_size)
-            self.tokens = tokenizer(self.data.captions, context_length)
-        else:
-            self.data = classification_set(
-                entry, image_size, entry.split, entry.num_examples, seed
-            )
-        if entry.kind == "linear_probe":
-            self.train_data = classification_set(
-                entry,
-                image_size,
-                entry.train_split,
-                entry.train_num_examples,
-                seed,
-                path=entry.train_path,
-            )
-        if entry.kind == "zeroshot":
-            self.templates = default_templates(entry)
+        self.data, self.tokens, self.train_data = data, tokens, train_data
+
+    @property
+    def every_steps(self) -> int:
+        return self.entry.every_steps
 
     def due(self, step: int) -> bool:
         """Whether this evaluator runs after training step `step` (periodic ones)."""
@@ -321,7 +313,7 @@ class Evaluator:
         else:
             results = self._linear_probe(variables)
         skipped = sum(self.data.skipped.values())
-        if self.entry.kind == "linear_probe":
+        if self.train_data is not None:
             skipped += sum(self.train_data.skipped.values())
         if skipped:
             results["skipped"] = skipped
@@ -329,13 +321,8 @@ class Evaluator:
         return {f"{self.name}/{metric}": float(v) for metric, v in results.items()}
 
     def _zeroshot(self, variables: Variables) -> dict[str, float]:
-        classifier = zero_shot_classifier(
-            lambda tokens: self._embed_tokens(variables, tokens),
-            self.data.class_names,
-            self.templates,
-            self.context_length,
-            tokenizer=self.tokenizer,
-        )
+        prompts = self._embed_tokens(variables, self.tokens)
+        classifier = class_embeddings(prompts, len(self.data.class_names))
         features = _normalize(self._embed_images(variables, self.data))
         logits = features @ np.asarray(classifier, np.float32).T
         return classification_metrics(logits, self.data.labels)
@@ -369,6 +356,38 @@ def _normalize(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
+def load_evaluator(
+    name: str,
+    entry: ml_collections.ConfigDict,
+    encoders: Encoders,
+    mesh: Mesh,
+    image_size: int,
+    context_length: int,
+    tokenizer: TokenizerSpec,
+    seed: int = 0,
+) -> Evaluator:
+    """The evaluator of one `config.evals` entry, with its data read and tokenized."""
+    if entry.kind == "retrieval":
+        data = retrieval_set(entry, image_size)
+        tokens = tokenizer(data.captions, context_length)
+        return Evaluator(name, entry, encoders, mesh, data, tokens)
+    data = classification_set(entry, image_size, entry.split, entry.num_examples, seed)
+    if entry.kind == "zeroshot":
+        texts = prompt_texts(data.class_names, default_templates(entry))
+        return Evaluator(
+            name, entry, encoders, mesh, data, tokenizer(texts, context_length)
+        )
+    train_data = classification_set(
+        entry,
+        image_size,
+        entry.train_split,
+        entry.train_num_examples,
+        seed,
+        path=entry.train_path,
+    )
+    return Evaluator(name, entry, encoders, mesh, data, train_data=train_data)
+
+
 def make_evaluators(
     evals: ml_collections.ConfigDict,
     encoders: Encoders,
@@ -381,7 +400,7 @@ def make_evaluators(
     """One Evaluator per `config.evals` entry, in the config's order."""
     validate(evals)
     return [
-        Evaluator(
+        load_evaluator(
             name, entry, encoders, mesh, image_size, context_length, tokenizer, seed
         )
         for name, entry in evals.items()

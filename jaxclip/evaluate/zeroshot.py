@@ -4,12 +4,30 @@ mean per-class recall."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxclip.data.tokenizer import tokenize
+
+
+def prompt_texts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class by class."""
+    return [template.format(name) for name in classnames for template in templates]
+
+
+def class_embeddings(text_emb: Any, num_classes: int) -> jax.Array:
+    """[num_classes, embed_dim] from the prompts' embeddings [num_classes * T, d] (in
+    `prompt_texts` order): per class, the renormalised mean of the normalised prompt
+    embeddings (CLIP's ensemble)."""
+    text_emb = jnp.asarray(text_emb, jnp.float32).reshape(
+        num_classes, -1, text_emb.shape[-1]
+    )
+    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    class_emb = text_emb.mean(axis=1)
+    return class_emb / jnp.linalg.norm(class_emb, axis=-1, keepdims=True)
 
 
 def zero_shot_classifier(
@@ -19,15 +37,9 @@ def zero_shot_classifier(
     context_length: int,
     tokenizer: Callable[[list[str], int], np.ndarray] = tokenize,
 ) -> jax.Array:
-    """[num_classes, embed_dim]: per class, the renormalised mean of the normalised
-    text embeddings of every template filled with the class name (CLIP's ensemble)."""
-    prompts = [template.format(name) for name in classnames for template in templates]
-    tokens = tokenizer(prompts, context_length)
-    text_emb = jnp.asarray(encode_texts(tokens), jnp.float32)
-    text_emb = text_emb.reshape(len(classnames), len(templates), -1)
-    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-    class_emb = text_emb.mean(axis=1)
-    return class_emb / jnp.linalg.norm(class_emb, axis=-1, keepdims=True)
+    """[num_classes, embed_dim]: the class embeddings of `classnames` x `templates`."""
+    tokens = tokenizer(prompt_texts(classnames, templates), context_length)
+    return class_embeddings(encode_texts(tokens), len(classnames))
 
 
 def topk_accuracy(

@@ -7,6 +7,7 @@ orbax writes to a temporary directory and renames it only once complete.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -120,7 +121,7 @@ class BestCheckpoint:
     def update(self, step: int, state: Any, results: dict, config: dict) -> bool:
         """Save `state` if `results` holds a new best value; returns whether it did."""
         value = results.get(self.metric)
-        if value is None or value != value or not self.is_better(value):  # NaN: never
+        if value is None or math.isnan(value) or not self.is_better(value):
             return False
         record = {"metric": self.metric, "value": float(value), "step": step}
         self.checkpointer.save(step, state, record, config, force=True)

@@ -20,7 +20,6 @@ import threading
 from types import FrameType
 
 import jax
-from jax._src import distributed
 from jax.experimental import multihost_utils
 
 
@@ -30,8 +29,10 @@ class PreemptionWatcher:
     def __init__(self):
         self.signal_received = False
         self._previous_handler = None
+        # jax.distributed.initialize starts the preemption service unless disabled.
         self.uses_sync_point = (
-            distributed.global_state.preemption_sync_manager is not None
+            jax.distributed.is_initialized()
+            and jax.config.jax_enable_preemption_service
         )
         if self.uses_sync_point:
             return  # JAX's coordination service catches the signal itself
