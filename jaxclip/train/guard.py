@@ -59,6 +59,7 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"stopping at step {step}: {streak} steps in a row had a non-finite "
                 f"loss or gradient (train.max_nonfinite_steps={self.max_in_a_row}); "
-                "their updates were skipped and no checkpoint holds them. Lower "
-                "optim.lr, check the data, or raise train.max_nonfinite_steps"
+                "their updates were skipped, so every checkpoint holds finite "
+                "parameters. Lower optim.lr, check the data, or raise "
+                "train.max_nonfinite_steps"
             )
