@@ -137,6 +137,11 @@ def complete_steps(workdir) -> list[int]:
     return sorted(steps)
 
 
+def committed(workdir, step: int) -> bool:
+    """Whether orbax has committed `step` (renamed its temporary directory)."""
+    return os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
 def final_state(workdir, config, mesh=None):
     """The latest checkpoint's state and data position, restored on `mesh`."""
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
@@ -180,8 +185,9 @@ def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
     # each restart skip compiling.
     workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
 
-    # 1. Killed after its first step, before any checkpoint: starts over.
-    run = Run(workdir, cache, step_sleep="0.3")
+    # 1. Killed after its first step, before any checkpoint: starts over. (Step 2's
+    #    save is held back, so a slow kill cannot let a checkpoint through.)
+    run = Run(workdir, cache, step_sleep="0.3", hold_save="2")
     run.wait_for_step(1)
     run.kill()
     assert complete_steps(workdir) == []
@@ -195,9 +201,12 @@ def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
     leftovers = os.listdir(os.path.join(workdir, "checkpoints"))
     assert any(name.startswith("4") and name != "4" for name in leftovers), leftovers
 
-    # 3. Resumed from step 2, killed between checkpoints, after step 5 was logged.
-    run = Run(workdir, cache, step_sleep="0.3")
+    # 3. Resumed from step 2, killed between checkpoints: after step 5 was logged and
+    #    step 4's asynchronous save committed (logging step 5 does not imply that on
+    #    a loaded machine). Step 6's save is held back, so 4 stays the latest.
+    run = Run(workdir, cache, step_sleep="0.3", hold_save="6")
     run.wait_for_step(5)
+    run.wait_until(lambda: committed(workdir, 4), "the commit of step 4")
     run.kill()
     assert "resumed from step 2" in run.output()
     assert complete_steps(workdir)[-1] == 4
