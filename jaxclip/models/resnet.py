@@ -55,22 +55,47 @@ def torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def conv(
-    features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1
-) -> nn.Conv:
+class Conv(nn.Module):
+    """A bias-free conv with torch's padding (kernel // 2 on each side).
+
+    The parameter is `kernel` [kh, kw, in, out], as `nn.Conv` names and shapes it. A
+    1x1 conv with stride 1 is a matmul over the channels and runs as one: on the CPU,
+    XLA's convolution takes several times longer than the same product as a dot, most
+    of all in the weight gradient (`bench/conv.py`; docs/performance.md).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        size = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            logical(torch_default_kernel, (None, None, "conv_in", "conv_out")),
+            (size, size, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if size == 1 and self.stride == 1:  # a matmul over the channels
+            return jax.lax.dot_general(
+                x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ()))
+            )
+        pad = size // 2
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (self.stride, self.stride),
+            ((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+
+def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1) -> Conv:
     """A bias-free conv with torch's padding (kernel // 2 on each side)."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=logical(torch_default_kernel, (None, None, "conv_in", "conv_out")),
-        name=name,
-    )
+    return Conv(features, kernel, stride, dtype, name=name)
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str, zero_init: bool = False):
