@@ -1,5 +1,6 @@
-"""ModifiedResNet: parameter counts, BatchNorm behaviour, the attention pool against a
-NumPy float64 reference, and (when OpenCLIP is installed) parity with the PyTorch original.
+"""ModifiedResNet: parameter counts, BatchNorm behaviour, its convs and the attention
+pool against float64 references (torch's conv2d, NumPy), and (when OpenCLIP is
+installed) parity with the PyTorch original.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclip.models.resnet import AttentionPool2d, ModifiedResNet
+from jaxclip.models.resnet import AttentionPool2d, Conv, ModifiedResNet
 
 # A tiny tower: stage 1 needs a downsample (8 -> 32 channels), stage 4 has a block
 # without one; the 64 px input ends in a 2x2 grid, so the attention pool sees 5 tokens.
@@ -237,6 +238,43 @@ def test_attnpool_matches_numpy_reference(heads):
 
 
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 1), (3, 2), (1, 2)])
+def test_conv_and_its_gradients_match_torch_conv2d(kernel, stride):
+    """`Conv` (1x1 stride 1 runs as a matmul) against torch's conv2d in float64:
+    output, input gradient and kernel gradient; the kernel has `nn.Conv`'s layout."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = rng.standard_normal((2, 9, 9, 5)).astype(np.float32)
+    cotangent = rng.standard_normal((2, -(-9 // stride), -(-9 // stride), 7))
+    layer = Conv(7, kernel, stride)
+    params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+    reference_shapes = nn.Conv(7, (kernel, kernel), use_bias=False).init(
+        jax.random.key(0), x
+    )["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference_shapes)
+    kernel_value = np.asarray(params["kernel"])
+
+    out, vjp = jax.vjp(
+        lambda x, k: layer.apply({"params": {"kernel": k}}, x), x, kernel_value
+    )
+    grad_x, grad_kernel = vjp(jnp.asarray(cotangent, jnp.float32))
+
+    torch_x = torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2)
+    torch_x.requires_grad_(True)
+    torch_kernel = torch.tensor(kernel_value, dtype=torch.float64).permute(3, 2, 0, 1)
+    torch_kernel.requires_grad_(True)
+    torch_out = torch.nn.functional.conv2d(
+        torch_x, torch_kernel, stride=stride, padding=kernel // 2
+    )
+    torch_out.backward(torch.tensor(cotangent).permute(0, 3, 1, 2))
+    want_out = torch_out.detach().permute(0, 2, 3, 1).numpy()
+    want_grad_x = torch_x.grad.permute(0, 2, 3, 1).numpy()
+    want_grad_kernel = torch_kernel.grad.permute(2, 3, 1, 0).numpy()
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_x, want_grad_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_kernel, want_grad_kernel, rtol=1e-5, atol=1e-4)
+
+
 # Parity with OpenCLIP's PyTorch ModifiedResNet (skipped without torch + open_clip).
 # ---------------------------------------------------------------------------
 
