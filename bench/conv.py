@@ -27,19 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# (name, batch, spatial size, in channels, out channels, kernel, XLA form): RN50's
-# stride-1 convolutions, one 3x3 per stage and layer1's 1x1s, which jaxclip's ResNet
-# runs as matmuls ("dot"); the "conv" rows show what XLA's convolution would take.
+# (name, batch, spatial size, in channels, out channels, kernel): RN50's stride-1
+# convolutions, one 3x3 per stage and layer1's 1x1s. jaxclip's ResNet runs a 1x1 as a
+# matmul; its rows are timed both ways on the XLA side ("XLA as": conv or dot), against
+# one PyTorch timing.
 SHAPES = [
-    ("stem 3x3", 16, 112, 32, 32, 3, "conv"),
-    ("layer1 3x3", 16, 56, 64, 64, 3, "conv"),
-    ("layer2 3x3", 16, 28, 128, 128, 3, "conv"),
-    ("layer3 3x3", 16, 14, 256, 256, 3, "conv"),
-    ("layer4 3x3", 16, 7, 512, 512, 3, "conv"),
-    ("layer1 1x1 64->256", 16, 56, 64, 256, 1, "conv"),
-    ("layer1 1x1 64->256", 16, 56, 64, 256, 1, "dot"),
-    ("layer1 1x1 256->64", 16, 56, 256, 64, 1, "conv"),
-    ("layer1 1x1 256->64", 16, 56, 256, 64, 1, "dot"),
+    ("stem 3x3", 16, 112, 32, 32, 3),
+    ("layer1 3x3", 16, 56, 64, 64, 3),
+    ("layer2 3x3", 16, 28, 128, 128, 3),
+    ("layer3 3x3", 16, 14, 256, 256, 3),
+    ("layer4 3x3", 16, 7, 512, 512, 3),
+    ("layer1 1x1 64->256", 16, 56, 64, 256, 1),
+    ("layer1 1x1 256->64", 16, 56, 256, 64, 1),
 ]
 PARTS = ("forward", "input grad", "weight grad")
 
@@ -105,9 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
 
     rows = []
-    for name, batch, size, cin, cout, kernel, form in SHAPES:
+    for name, batch, size, cin, cout, kernel in SHAPES:
         flops = 2 * batch * size * size * cin * cout * kernel * kernel
-        sides = {"xla": xla_parts(batch, size, cin, cout, kernel, form)}
+        forms = ("conv", "dot") if kernel == 1 else ("conv",)
+        sides = {
+            form: xla_parts(batch, size, cin, cout, kernel, form) for form in forms
+        }
         if args.torch:
             sides["torch"] = torch_parts(batch, size, cin, cout, kernel)
         times: dict[str, dict[str, list[float]]] = {
@@ -123,13 +125,18 @@ def main(argv: list[str] | None = None) -> dict:
                         start = time.perf_counter()
                         run()
                         times[side][part].append(time.perf_counter() - start)
-        row = {"name": name, "xla_form": form}
-        row["shape"] = [batch, size, size, cin, cout, kernel]
-        row["gflop"] = flops / 1e9
-        for side in sides:
-            row[side] = {part: statistics.median(times[side][part]) for part in PARTS}
-        rows.append(row)
-        print(name, {side: row[side] for side in sides}, flush=True)
+        medians = {
+            side: {part: statistics.median(times[side][part]) for part in PARTS}
+            for side in sides
+        }
+        for form in forms:
+            row = {"name": name, "xla_form": form, "xla": medians[form]}
+            row["shape"] = [batch, size, size, cin, cout, kernel]
+            row["gflop"] = flops / 1e9
+            if args.torch:
+                row["torch"] = medians["torch"]
+            rows.append(row)
+        print(name, medians, flush=True)
 
     print(f"\n{platform.processor() or 'cpu'}, {os.cpu_count()} cores; ms (median)\n")
     header = "| conv | XLA as | GFLOP | " + " | ".join(

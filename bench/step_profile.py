@@ -41,8 +41,6 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train as train_bench  # noqa: E402
 
-_NOT_OPS = ("ThunkExecutor", "$", "Slinky", "Threadpool", "CommonPjRt", "Pjit")
-
 
 def trace_events(directory: str) -> list[dict]:
     (path,) = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
@@ -54,9 +52,7 @@ def trace_events(directory: str) -> list[dict]:
 def op_events(events: list[dict], hlo: str) -> list[dict]:
     """The events that are ops of the compiled step (named as in its HLO)."""
     names = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", hlo, re.M))
-    return [
-        e for e in events if e["name"] in names and not e["name"].startswith(_NOT_OPS)
-    ]
+    return [e for e in events if e["name"] in names]
 
 
 def op_origins(hlo: str) -> dict[str, str]:

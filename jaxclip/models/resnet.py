@@ -93,11 +93,6 @@ class Conv(nn.Module):
         )
 
 
-def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1) -> Conv:
-    """A bias-free conv with torch's padding (kernel // 2 on each side)."""
-    return Conv(features, kernel, stride, dtype, name=name)
-
-
 def batch_norm(train: bool, dtype: Dtype, name: str, zero_init: bool = False):
     """BatchNorm2d: statistics and running averages in float32, output in `dtype`.
 
@@ -134,7 +129,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = avg_pool(x, self.stride)
-        x = conv(self.features, 1, self.dtype, name="0")(x)
+        x = Conv(self.features, 1, dtype=self.dtype, name="0")(x)
         return batch_norm(train, self.dtype, name="1")(x)
 
 
@@ -151,12 +146,12 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out_features = self.planes * EXPANSION
-        out = conv(self.planes, 1, self.dtype, "conv1")(x)
+        out = Conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(batch_norm(train, self.dtype, "bn1")(out))
-        out = conv(self.planes, 3, self.dtype, "conv2")(out)
+        out = Conv(self.planes, 3, dtype=self.dtype, name="conv2")(out)
         out = nn.relu(batch_norm(train, self.dtype, "bn2")(out))
         out = avg_pool(out, self.stride)
-        out = conv(out_features, 1, self.dtype, "conv3")(out)
+        out = Conv(out_features, 1, dtype=self.dtype, name="conv3")(out)
         # Zero-init the last BN scale so each block starts as (nearly) the identity,
         # as OpenCLIP's ModifiedResNet.init_parameters does.
         out = batch_norm(train, self.dtype, "bn3", zero_init=True)(out)
@@ -276,7 +271,7 @@ class ModifiedResNet(nn.Module):
         stem_widths = (self.width // 2, self.width // 2, self.width)
         for index, features in enumerate(stem_widths, start=1):
             stride = 2 if index == 1 else 1
-            x = conv(features, 3, self.dtype, f"conv{index}", stride)(x)
+            x = Conv(features, 3, stride, self.dtype, name=f"conv{index}")(x)
             x = nn.relu(batch_norm(train, self.dtype, f"bn{index}")(x))
         x = avg_pool(x, 2)
 
