@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxclip.models.layers import constrain, logical
+from jaxclip.models.layers import constrain, logical, matmul
 
 Dtype = Any
 
@@ -80,9 +80,7 @@ class Conv(nn.Module):
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if size == 1 and self.stride == 1:  # a matmul over the channels
-            return jax.lax.dot_general(
-                x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ()))
-            )
+            return matmul(x, kernel[0, 0])
         pad = size // 2
         return jax.lax.conv_general_dilated(
             x,

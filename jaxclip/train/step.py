@@ -292,12 +292,16 @@ def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             return fn(*args, **kwargs)
 
-    def lower(*args, **kwargs):
-        """`fn.lower(...)` in the same context, for ahead-of-time compilation."""
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            return fn.lower(*args, **kwargs)
+    def staged(stage: str) -> Callable:
+        def run(*args, **kwargs):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+                return getattr(fn, stage)(*args, **kwargs)
 
-    wrapped.lower = lower
+        return run
+
+    # `fn.lower(...)` for ahead-of-time compilation, `fn.trace(...)` for its jaxpr.
+    wrapped.lower = staged("lower")
+    wrapped.trace = staged("trace")
     return wrapped
 
 
