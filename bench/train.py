@@ -131,6 +131,10 @@ def jaxclip_runner(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
     first = sharding.shard_batch(random_batch(np.random.default_rng(1), workload), mesh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        (state, first),
+    )
     compiled, compile_seconds = compile_train_step(train_step, state, first)
     if compile_only:
         return {"compiled": compiled, "compile_s": compile_seconds}
@@ -146,6 +150,7 @@ def jaxclip_runner(
     return {
         "step": step,
         "compiled": compiled,
+        "jaxpr": lambda: train_step.trace(*abstract).jaxpr,  # bench/bound.py
         "compile_s": compile_seconds,
         "flops_per_step": flops,
         "flops_source": flops_source,
