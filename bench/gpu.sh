@@ -7,6 +7,9 @@
 #   3. bench/loss.py's GPU rows, where that benchmark exists.
 #
 #   bash bench/gpu.sh [OUTDIR]        # JSON results land in OUTDIR (default $OUT or /tmp)
+#   GPU_BENCH_SMOKE=1 bash bench/gpu.sh /tmp/smoke   # the same stages, tiny, on any
+#       device (the CPU too): batch 8, one timed step, a small loss row. It checks the
+#       script end to end where no GPU is at hand; its numbers mean nothing.
 #
 # The GPU machine has JAX and torch but no internet. Other wheels travel with the tree:
 # fill bench/wheels/ beforehand (on a machine with internet) with
@@ -39,16 +42,23 @@ if ! python -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/
   fi
 fi
 
+if [ -n "${GPU_BENCH_SMOKE:-}" ]; then
+  STEPS="--warmup=1 --steps=1 --rounds=1"; FIT="--batch=8"
+  LOSS_ROWS="--platform=cpu --sizes=1024 --dims=64 --losses=clip --time-max=1024"
+else
+  STEPS="--warmup=5 --steps=10 --rounds=2"; FIT="--batch=-1"
+  LOSS_ROWS="--platform=gpu --sizes=32768,131072 --dims=512 --losses=clip --time-max=131072"
+fi
+
 echo "== jaxclip: ViT-B-16, bf16, ring loss, largest batch"
 timeout 300 python bench/train.py --workloads=ViT-B-16 --dtype=bfloat16 \
-  --loss_impl=ring --batch=-1 --openclip=0 --warmup=5 --steps=10 --rounds=2 \
-  --json="$OUTDIR/gpu_jaxclip.json"
+  --loss_impl=ring $FIT --openclip=0 $STEPS --json="$OUTDIR/gpu_jaxclip.json"
 BATCH=$(python -c "import json; r = json.load(open('$OUTDIR/gpu_jaxclip.json')); print(r['workloads']['ViT-B-16']['batch_size'])" 2>/dev/null || echo 256)
 
 echo "== OpenCLIP: ViT-B-16, amp_bf16, batch $BATCH"
 if python -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null; then
   timeout 150 python bench/train.py --workloads=ViT-B-16 --jaxclip=0 \
-    --openclip_precision=amp_bf16 --batch="$BATCH" --warmup=5 --steps=10 --rounds=2 \
+    --openclip_precision=amp_bf16 --batch="$BATCH" $STEPS \
     --json="$OUTDIR/gpu_openclip.json"
 else
   echo "open_clip_torch is not available here (no bench/wheels/open_clip_torch-*.whl)"
@@ -56,8 +66,7 @@ fi
 
 if [ -f bench/loss.py ] && [ $((SECONDS - START)) -lt 400 ]; then
   echo "== bench/loss.py, GPU rows"
-  timeout $((470 - (SECONDS - START))) python bench/loss.py --platform=gpu \
-    --sizes=32768,131072 --dims=512 --losses=clip --time-max=131072 \
+  timeout $((470 - (SECONDS - START))) python bench/loss.py $LOSS_ROWS \
     --json="$OUTDIR/gpu_loss.json"
 fi
 
