@@ -135,23 +135,20 @@ def jaxclip_kernels(runner: dict, budget: float, passes: int) -> dict[str, Any]:
     """Each kernel op of the step timed alone, best of `passes` passes over them all
     (so that a burst of load on the shared machine does not stick to one op)."""
     found = kernel_eqns(runner["jaxpr"]().jaxpr)
-    ops = [
-        (key, count, op_timer(*key[:2], dict(key[2]))) for key, count in found.items()
-    ]
-    best = [timer(budget) for _, _, timer in ops]
+    ops = [(p, avals, dict(params), n) for (p, avals, params), n in found.items()]
+    timers = [op_timer(p, avals, params) for p, avals, params, _ in ops]
+    best = [timer(budget) for timer in timers]
     for _ in range(passes - 1):
-        best = [min(b, timer(budget)) for b, (_, _, timer) in zip(best, ops)]
-    rows = []
-    for ((primitive, avals, params), count, _), seconds in zip(ops, best):
-        params = dict(params)
-        rows.append(
-            {
-                "op": describe(primitive, avals, params),
-                "count": count,
-                "seconds_each": seconds,
-                "gflop_each": flops(primitive, avals, params) / 1e9,
-            }
-        )
+        best = [min(b, timer(budget)) for b, timer in zip(best, timers)]
+    rows = [
+        {
+            "op": describe(primitive, avals, params),
+            "count": count,
+            "seconds_each": seconds,
+            "gflop_each": flops(primitive, avals, params) / 1e9,
+        }
+        for (primitive, avals, params, count), seconds in zip(ops, best)
+    ]
     rows.sort(key=lambda r: -r["count"] * r["seconds_each"])
     return {
         "kernel_s": sum(r["count"] * r["seconds_each"] for r in rows),
@@ -182,12 +179,17 @@ def openclip_kernels(step: Any, batches: list[dict]) -> dict[str, float]:
     return best
 
 
-def bench_workload(name: str, args: argparse.Namespace, open_clip: Any) -> dict:
+def bench_workload(
+    name: str, args: argparse.Namespace, settings: argparse.Namespace, open_clip: Any
+) -> dict:
     workload = train_bench.workloads()[name]
     rng = np.random.default_rng(0)
-    batches = lambda n: [train_bench.random_batch(rng, workload) for _ in range(n)]  # noqa: E731
+
+    def batches(count: int) -> list[dict[str, np.ndarray]]:
+        return [train_bench.random_batch(rng, workload) for _ in range(count)]
+
     result: dict[str, Any] = {"batch_size": workload.batch_size}
-    runner = train_bench.jaxclip_runner(workload, args)
+    runner = train_bench.jaxclip_runner(workload, settings)
     train_bench.time_steps(runner["step"], batches(args.warmup))
     steps = train_bench.time_steps(runner["step"], batches(args.steps))
     result["jaxclip"] = {"step_s": statistics.median(steps)}
@@ -236,13 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--top", type=int, default=8, help="slowest ops to print")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
-    # What bench/train.py's jaxclip runner reads: fp32, unrolled, no remat.
-    args.dtype, args.scan, args.remat, args.loss_impl = (
-        "float32",
-        False,
-        "none",
-        "dense",
-    )
+    settings = train_bench.cpu_settings()
 
     open_clip = train_bench.load_openclip() if args.openclip else None
     if open_clip is not None:
@@ -251,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(os.cpu_count() or 1)
     report: dict[str, Any] = {"load_avg_start": os.getloadavg(), "workloads": {}}
     for name in args.workloads.split(","):
-        result = report["workloads"][name] = bench_workload(name, args, open_clip)
+        result = report["workloads"][name] = bench_workload(
+            name, args, settings, open_clip
+        )
         jx = result["jaxclip"]
         print(
             f"{name}: step {jx['step_s']:.2f} s; {len(jx['ops'])} distinct matmul/conv "

@@ -8,9 +8,12 @@ Each row is one convolution shape from RN50 at 224 with batch 16 (stride 1, torc
 padding), timed three ways in both frameworks: the forward pass, the input gradient
 and the weight gradient (each alone, from precomputed inputs). PyTorch runs NCHW
 (OpenCLIP's layout) with as many threads as cores; XLA runs NHWC, as jaxclip's
-ResNet does; the "XLA as" column says whether the XLA side is a convolution or, for a
-1x1, the matmul that jaxclip's ResNet runs instead. The two sides alternate round by
-round and the table reports medians. Never part of the tests.
+ResNet does. For a 1x1 the "XLA as" column says how the XLA side computes it: a
+convolution; a dot over the channel axis of the 4-D activations (whose weight gradient
+contracts batch, height and width as three axes); or `layers.matmul`, the same
+product with those axes merged into one, which is what jaxclip's ResNet runs. The two
+sides alternate round by round and the table reports medians. Never part of the
+tests.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxclip.models.layers import matmul  # noqa: E402
+
 # (name, batch, spatial size, in channels, out channels, kernel): RN50's stride-1
-# convolutions, one 3x3 per stage and layer1's 1x1s. jaxclip's ResNet runs a 1x1 as a
-# matmul; its rows are timed both ways on the XLA side ("XLA as": conv or dot), against
-# one PyTorch timing.
+# convolutions, one 3x3 per stage and layer1's 1x1s. A 1x1 row is timed three ways on
+# the XLA side ("XLA as": conv, dot or matmul), against one PyTorch timing.
 SHAPES = [
     ("stem 3x3", 16, 112, 32, 32, 3),
     ("layer1 3x3", 16, 56, 64, 64, 3),
@@ -50,8 +57,10 @@ def xla_parts(batch, size, cin, cout, kernel, form) -> dict[str, Callable[[], ob
     g = jnp.asarray(rng.standard_normal((batch, size, size, cout), np.float32))
 
     def conv(x, w):
-        if form == "dot":  # what jaxclip's ResNet does for a 1x1 conv
+        if form == "dot":  # over the channel axis of the 4-D activations
             return jax.lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))
+        if form == "matmul":  # axes merged: what jaxclip's ResNet runs for a 1x1
+            return matmul(x, w[0, 0])
         pad = kernel // 2
         return jax.lax.conv_general_dilated(
             x, w, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, batch, size, cin, cout, kernel in SHAPES:
         flops = 2 * batch * size * size * cin * cout * kernel * kernel
-        forms = ("conv", "dot") if kernel == 1 else ("conv",)
+        forms = ("conv", "dot", "matmul") if kernel == 1 else ("conv",)
         sides = {
             form: xla_parts(batch, size, cin, cout, kernel, form) for form in forms
         }

@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     workload = train_bench.workloads()[args.workload]
-    settings = argparse.Namespace(
-        dtype="float32", loss_impl="dense", scan=False, remat="none"
-    )
-    runner = train_bench.jaxclip_runner(workload, settings)
+    runner = train_bench.jaxclip_runner(workload, train_bench.cpu_settings())
     hlo = runner["compiled"].as_text()
     rng = np.random.default_rng(0)
     for _ in range(args.warmup):

@@ -103,6 +103,14 @@ def random_batch(rng: np.random.Generator, workload: Workload) -> dict[str, np.n
 # --- jaxclip
 
 
+def cpu_settings() -> argparse.Namespace:
+    """What `jaxclip_runner` reads, as this bench times the CPU workloads: float32,
+    unrolled layers, no remat, the dense loss (bench/step_profile.py, bench/bound.py)."""
+    return argparse.Namespace(
+        dtype="float32", scan=False, remat="none", loss_impl="dense"
+    )
+
+
 def jaxclip_runner(
     workload: Workload, args: argparse.Namespace, compile_only: bool = False
 ) -> dict[str, Any]:
