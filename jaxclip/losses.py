@@ -19,10 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxclip.sharding import BATCH_AXES
-
-# Float32 passes on TPU too; the default precision there would multiply in bf16.
-_PRECISION = jax.lax.Precision.HIGHEST
+from jaxclip.ring import PRECISION, Ring, better, matmul32
 
 
 def _check_embeddings(image_emb: jax.Array, text_emb: jax.Array) -> None:
@@ -56,7 +53,7 @@ def _similarities(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
     out_sharding = None
     if sharding.mesh.axis_names:
         out_sharding = NamedSharding(sharding.mesh, P(sharding.spec[0], None))
-    return jnp.matmul(image, text.T, precision=_PRECISION, out_sharding=out_sharding)
+    return jnp.matmul(image, text.T, precision=PRECISION, out_sharding=out_sharding)
 
 
 def _scaled_logits(
@@ -186,87 +183,23 @@ def contrastive_accuracy(
 # --- Ring implementations ------------------------------------------------------------
 #
 # Embeddings are sharded over the batch axes of the mesh in context. Under shard_map,
-# each device keeps its image rows; text blocks travel one device per step with
-# ppermute, so after R steps (R = ring size) every image block has met every text
-# block and each text block is home again. One ring serves both directions: row
-# statistics stay with the image rows, column statistics travel with their text block.
-# The backward pass runs the ring again from the saved log-sum-exps, recomputing each
-# tile once; the text gradient travels with its block. The loop over ring steps is a
-# Python loop: XLA:CPU can deadlock on collectives inside a while loop (see
-# jaxclip/train/loop.py), and R is the number of batch shards, so it stays small.
-
-
-def _ring_context() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...], int]:
-    """The mesh in context, the batch axes the ring runs over, and the ring size."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.axis_names:
-        raise ValueError("impl='ring' needs a mesh in context (jax.set_mesh(mesh))")
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    size = 1
-    for axis in axes:
-        size *= mesh.shape[axis]
-    return mesh, axes, size
-
-
-def _shift(tree, axes: tuple[str, ...], size: int):
-    """Send every array one step round the ring: device i receives from i + 1.
-
-    16-bit floats travel as their bits: XLA otherwise hoists the float32 convert
-    that the next tile needs above the ppermute, and sends twice the bytes.
-    """
-    perm = [(i, (i - 1) % size) for i in range(size)]
-
-    def send(x):
-        if x.dtype.itemsize != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-            return jax.lax.ppermute(x, axes, perm)
-        bits = jax.lax.ppermute(jax.lax.bitcast_convert_type(x, jnp.uint16), axes, perm)
-        return jax.lax.bitcast_convert_type(bits, x.dtype)
-
-    return jax.tree.map(send, tree)
-
-
-def _after(tree, dependency: jax.Array | None):
-    """`tree`, whose float arrays cannot be used before `dependency` is computed.
-
-    This is what keeps the ring's memory flat in the global batch:
-    - each step sends its text block once the step before it has finished, so a send
-      overlaps one step's compute, but XLA cannot start every step's ppermute at once
-      (each depends only on the one before) and keep all R blocks alive;
-    - the backward pass's blocks depend on the cotangent, so XLA cannot merge them
-      with the forward pass's ppermutes (same operands) and keep those blocks alive
-      from one pass to the other.
-    `optimization_barrier` says the same, but XLA:CPU drops barriers before it
-    schedules. A multiply by `1 + 0·dependency` is exactly one for a finite
-    dependency, and XLA cannot fold it (it would be NaN for an infinite one).
-    """
-    if dependency is None:
-        return tree
-    one = 1.0 + 0.0 * dependency.astype(jnp.float32)
-
-    def tie(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        return x * one.astype(x.dtype)
-
-    return jax.tree.map(tie, tree)
-
-
-def _matmul32(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`a @ b` in float32 at full precision, whatever the inputs' dtype."""
-    return jnp.matmul(
-        a.astype(jnp.float32), b.astype(jnp.float32), precision=_PRECISION
-    )
-
-
-def _tile(image: jax.Array, text: jax.Array) -> jax.Array:
-    """Float32 similarities of image rows with a text block, `[rows, b]`."""
-    return _matmul32(image, text.T)
+# each device keeps its image rows while text blocks go round the ring (jaxclip/ring.py),
+# so after R steps every image block has met every text block. One ring serves both
+# directions: row statistics stay with the image rows, column statistics ride with
+# their text block and come home with it. The backward pass runs the ring again from
+# the saved log-sum-exps, recomputing each tile once; the text gradient rides with its
+# block. Within a step, a device's tile is processed `chunk_size` image rows at a time.
 
 
 def _ring_fn(body, in_specs, out_specs):
     """`body` under shard_map over the mesh in context."""
     mesh = jax.sharding.get_abstract_mesh()
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def _tile(image: jax.Array, text: jax.Array) -> jax.Array:
+    """Float32 similarities of image rows with a text block, `[rows, b]`."""
+    return matmul32(image, text.T)
 
 
 def _row_chunks(rows: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -291,11 +224,21 @@ def _unchunk(chunked: jax.Array, count: int) -> jax.Array:
     return chunked.reshape(-1, *chunked.shape[2:])[:count]
 
 
-def _home_labels(row_ids: jax.Array, width: int, home: bool) -> jax.Array | float:
-    """SigLIP labels of a tile: +1 for matched pairs (only in the home block), -1 else."""
-    if not home:
-        return -1.0
-    return jnp.where(row_ids[:, None] == jnp.arange(width)[None, :], 1.0, -1.0)
+def _siglip_labels(row_ids: jax.Array, width: int, step) -> jax.Array:
+    """SigLIP labels of a tile: +1 for matched pairs (only at step 0, the home block),
+    -1 elsewhere. `row_ids` are the local indices of the tile's rows."""
+    matched = (row_ids[:, None] == jnp.arange(width)[None, :]) & (step == 0)
+    return jnp.where(matched, 1.0, -1.0)
+
+
+def _merge_lse(stats, tile_max, tile_sum):
+    """Online log-sum-exp: running (max, sum of exp(x - max)) with a tile's."""
+    running_max, running_sum = stats
+    new_max = jnp.maximum(running_max, tile_max)
+    new_sum = running_sum * jnp.exp(running_max - new_max) + tile_sum * jnp.exp(
+        tile_max - new_max
+    )
+    return new_max, new_sum
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -305,9 +248,9 @@ def _clip_loss_ring(image_emb, text_emb, logit_scale, chunk_size=0):
 
 def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
     """Loss plus the per-row and per-column log-sum-exps (the only residuals)."""
-    _, axes, size = _ring_context()
+    ring = Ring.of()
     batch = image_emb.shape[0]
-    rows = P(axes, None)
+    rows = P(ring.axes, None)
 
     def body(image, text, log_scale):
         # Text blocks travel in the embedding dtype; tiles are computed in float32.
@@ -319,59 +262,48 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
         def tile_stats(block, col_stats, xs):
             # One [chunk, b] piece of the tile: its rows are complete over this
             # block; the block's column statistics are updated online.
-            col_max, col_sum = col_stats
             chunk_rows, ok = xs
             logits = scale * _tile(chunk_rows, block)
             row_max = logits.max(axis=1)
             row_sum = jnp.exp(logits - row_max[:, None]).sum(axis=1)
             logits = jnp.where(ok[:, None], logits, -jnp.inf)
-            new_col_max = jnp.maximum(col_max, logits.max(axis=0))
-            col_sum = col_sum * jnp.exp(col_max - new_col_max) + jnp.exp(
-                logits - new_col_max[None, :]
-            ).sum(axis=0)
-            return (new_col_max, col_sum), (row_max, row_sum)
+            col_max = logits.max(axis=0)
+            col_sum = jnp.exp(logits - col_max[None, :]).sum(axis=0)
+            return _merge_lse(col_stats, col_max, col_sum), (row_max, row_sum)
+
+        def step(_, row_stats, block, col_stats):
+            col_stats, (tile_max, tile_sum) = jax.lax.scan(
+                partial(tile_stats, block), col_stats, (chunks, valid)
+            )
+            tile = _unchunk(tile_max, local), _unchunk(tile_sum, local)
+            return _merge_lse(row_stats, *tile), col_stats
 
         # Built from the local rows, so that shard_map types them as per-device values.
         neg_inf = jnp.full_like(image[:, 0], -jnp.inf)
-        row_max, row_sum = neg_inf, jnp.zeros_like(neg_inf)
-        col_max, col_sum = neg_inf, jnp.zeros_like(neg_inf)
-        block, previous = text, None
-        for step in range(size):
-            (col_max, col_sum), (tile_max, tile_sum) = jax.lax.scan(
-                partial(tile_stats, block), (col_max, col_sum), (chunks, valid)
-            )
-            tile_max, tile_sum = _unchunk(tile_max, local), _unchunk(tile_sum, local)
-            new_row_max = jnp.maximum(row_max, tile_max)
-            row_sum = row_sum * jnp.exp(row_max - new_row_max) + tile_sum * jnp.exp(
-                tile_max - new_row_max
-            )
-            row_max = new_row_max
-            if step < size - 1:
-                block = _after(block, previous)
-                block, col_max, col_sum = _shift((block, col_max, col_sum), axes, size)
-            else:  # the block is back home; only its column statistics must follow
-                col_max, col_sum = _shift((col_max, col_sum), axes, size)
-            previous = row_sum[0]  # the next send waits for this step
+        empty = (neg_inf, jnp.zeros_like(neg_inf))
+        # Two steps per loop iteration, as in the backward pass (below).
+        (row_max, row_sum), (col_max, col_sum) = ring.run(
+            step, empty, text, empty, unroll=2
+        )
         row_lse = row_max + jnp.log(row_sum)
         col_lse = col_max + jnp.log(col_sum)
         matched = scale * jnp.sum(image * text.astype(jnp.float32), axis=1)
         local_loss = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
-        loss = jax.lax.psum(local_loss, axes) / (2 * batch)
+        loss = jax.lax.psum(local_loss, ring.axes) / (2 * batch)
         return loss, row_lse, col_lse
 
-    fn = _ring_fn(body, (rows, rows, P()), (P(), P(axes), P(axes)))
+    fn = _ring_fn(body, (rows, rows, P()), (P(), P(ring.axes), P(ring.axes)))
     loss, row_lse, col_lse = fn(image_emb, text_emb, logit_scale)
     return loss, (image_emb, text_emb, logit_scale, row_lse, col_lse)
 
 
 def _clip_ring_backward(chunk_size, residuals, grad):
     image_emb, text_emb, logit_scale, row_lse, col_lse = residuals
-    _, axes, size = _ring_context()
+    ring = Ring.of()
     batch = image_emb.shape[0]
-    rows = P(axes, None)
+    rows = P(ring.axes, None)
 
     def body(image, text, log_scale, row_lse, col_lse, grad):
-        text = _after(text, grad)
         image_dtype, text_dtype = image.dtype, text.dtype
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
@@ -391,40 +323,43 @@ def _clip_ring_backward(chunk_size, residuals, grad):
                 + jnp.exp(logits - block_lse[None, :])
             )
             d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-            d_rows = scale * _matmul32(d_logits, block)
-            d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=_PRECISION)
+            d_rows = scale * matmul32(d_logits, block)
+            d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=PRECISION)
             d_chunks = d_chunks.at[index].add(d_rows)
             return (d_block, d_chunks), jnp.sum(d_logits * logits)
 
-        d_chunks = jnp.zeros_like(chunks)
-        d_log_scale = jnp.zeros((), jnp.float32)
-        # The block's gradient accumulates and travels in float32.
-        block, block_lse, d_block = text, col_lse, jnp.zeros_like(text, jnp.float32)
-        previous = None
-        for step in range(size):
+        def step(_, carry, block, riders):
+            d_chunks, d_log_scale = carry
+            block_lse, d_block = riders
             (d_block, d_chunks), d_scale_parts = jax.lax.scan(
                 partial(tile_grads, block, block_lse),
                 (d_block, d_chunks),
                 (chunks, valid, lse_chunks, jnp.arange(len(chunks))),
             )
-            d_log_scale += jnp.sum(d_scale_parts)
-            if step < size - 1:
-                block, block_lse = _after((block, block_lse), previous)
-                block, block_lse, d_block = _shift(
-                    (block, block_lse, d_block), axes, size
-                )
-            else:
-                d_block = _shift(d_block, axes, size)
-            previous = d_log_scale  # the next send waits for this step
+            return (d_chunks, d_log_scale + jnp.sum(d_scale_parts)), (
+                block_lse,
+                d_block,
+            )
+
+        # The block's gradient accumulates and travels in float32.
+        carry = (jnp.zeros_like(chunks), jnp.zeros((), jnp.float32))
+        riders = (col_lse, jnp.zeros_like(text, jnp.float32))
+        # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
+        # and gradient back into the loop's carry each step, three [b, d] buffers
+        # more (v5p: 37 against 22 bytes per element of [b, d]; docs/tpu.md).
+        (d_chunks, d_log_scale), (_, d_block) = ring.run(
+            step, carry, text, riders, wait_for=grad, unroll=2
+        )
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
         text = text.astype(jnp.float32)
         d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
         d_text = d_block - 2 * weight * scale * image
         d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
-        d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
+        d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
         return d_image.astype(image_dtype), d_text.astype(text_dtype), d_log_scale
 
-    fn = _ring_fn(body, (rows, rows, P(), P(axes), P(axes), P()), (rows, rows, P()))
+    in_specs = (rows, rows, P(), P(ring.axes), P(ring.axes), P())
+    fn = _ring_fn(body, in_specs, (rows, rows, P()))
     return fn(image_emb, text_emb, logit_scale, row_lse, col_lse, grad)
 
 
@@ -439,9 +374,9 @@ def _siglip_loss_ring(image_emb, text_emb, logit_scale, logit_bias, chunk_size=0
 
 
 def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_size):
-    _, axes, size = _ring_context()
+    ring = Ring.of()
     batch = image_emb.shape[0]
-    rows = P(axes, None)
+    rows = P(ring.axes, None)
 
     def body(image, text, log_scale, bias):
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
@@ -449,22 +384,21 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_siz
         bias = bias.astype(jnp.float32)
         chunks, valid = _row_chunks(image, chunk_size)
         row_ids, _ = _row_chunks(jnp.arange(image.shape[0]), chunk_size)
-        total = jnp.zeros_like(image[0, 0])  # per-device, like the rows it sums
-        block, previous = text, None
-        for step in range(size):
 
-            def tile_loss(acc, xs, block=block, home=step == 0):
+        def step(ring_step, total, block, riders):
+            def tile_loss(acc, xs):
                 chunk_rows, ok, ids = xs
                 logits = scale * _tile(chunk_rows, block) + bias
-                labels = _home_labels(ids, block.shape[0], home)
+                labels = _siglip_labels(ids, block.shape[0], ring_step)
                 terms = jnp.where(ok[:, None], jax.nn.log_sigmoid(labels * logits), 0.0)
                 return acc + jnp.sum(terms), None
 
             total, _ = jax.lax.scan(tile_loss, total, (chunks, valid, row_ids))
-            if step < size - 1:
-                block = _shift(_after(block, previous), axes, size)
-            previous = total  # the next send waits for this step
-        return -jax.lax.psum(total, axes) / batch
+            return total, riders
+
+        total = jnp.zeros_like(image[0, 0])  # per-device, like the rows it sums
+        total, _ = ring.run(step, total, text)
+        return -jax.lax.psum(total, ring.axes) / batch
 
     fn = _ring_fn(body, (rows, rows, P(), P()), P())
     loss = fn(image_emb, text_emb, logit_scale, logit_bias)
@@ -473,12 +407,11 @@ def _siglip_ring_forward(image_emb, text_emb, logit_scale, logit_bias, chunk_siz
 
 def _siglip_ring_backward(chunk_size, residuals, grad):
     image_emb, text_emb, logit_scale, logit_bias = residuals
-    _, axes, size = _ring_context()
+    ring = Ring.of()
     batch = image_emb.shape[0]
-    rows = P(axes, None)
+    rows = P(ring.axes, None)
 
     def body(image, text, log_scale, bias, grad):
-        text = _after(text, grad)
         image_dtype, text_dtype = image.dtype, text.dtype
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
@@ -486,29 +419,25 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
         local = image.shape[0]
         chunks, valid = _row_chunks(image, chunk_size)
         row_ids, _ = _row_chunks(jnp.arange(local), chunk_size)
-        d_chunks = jnp.zeros_like(chunks)
-        d_log_scale = jnp.zeros((), jnp.float32)
-        d_bias = jnp.zeros((), jnp.float32)
-        block, d_block = text, jnp.zeros_like(text, jnp.float32)
-        previous = None
-        for step in range(size):
 
-            def tile_grads(carry, xs, block=block, home=step == 0):
-                d_block, d_chunks = carry  # updated in place (see the CLIP loss)
+        def step(ring_step, carry, block, d_block):
+            def tile_grads(inner, xs):
+                d_block, d_chunks = inner  # updated in place (see the CLIP loss)
                 chunk_rows, ok, ids, index = xs
                 similarity = _tile(chunk_rows, block)
                 logits = scale * similarity + bias32
-                labels = _home_labels(ids, block.shape[0], home)
+                labels = _siglip_labels(ids, block.shape[0], ring_step)
                 # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
                 d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
                 d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-                d_rows = scale * _matmul32(d_logits, block)
+                d_rows = scale * matmul32(d_logits, block)
                 d_block += scale * jnp.matmul(
-                    d_logits.T, chunk_rows, precision=_PRECISION
+                    d_logits.T, chunk_rows, precision=PRECISION
                 )
                 sums = (scale * jnp.sum(d_logits * similarity), jnp.sum(d_logits))
                 return (d_block, d_chunks.at[index].add(d_rows)), sums
 
+            d_chunks, d_log_scale, d_bias = carry
             (d_block, d_chunks), (d_scale_parts, d_bias_parts) = jax.lax.scan(
                 tile_grads,
                 (d_block, d_chunks),
@@ -516,15 +445,17 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
             )
             d_log_scale += jnp.sum(d_scale_parts)
             d_bias += jnp.sum(d_bias_parts)
-            if step < size - 1:
-                block = _after(block, previous)
-                block, d_block = _shift((block, d_block), axes, size)
-            else:
-                d_block = _shift(d_block, axes, size)
-            previous = d_log_scale  # the next send waits for this step
+            return (d_chunks, d_log_scale, d_bias), d_block
+
+        zero = jnp.zeros((), jnp.float32)
+        carry = (jnp.zeros_like(chunks), zero, zero)
+        d_block = jnp.zeros_like(text, jnp.float32)
+        (d_chunks, d_log_scale, d_bias), d_block = ring.run(
+            step, carry, text, d_block, wait_for=grad
+        )
         d_image = _unchunk(d_chunks, local)
-        d_log_scale = jax.lax.psum(d_log_scale, axes).astype(log_scale.dtype)
-        d_bias = jax.lax.psum(d_bias, axes).astype(bias.dtype)
+        d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
+        d_bias = jax.lax.psum(d_bias, ring.axes).astype(bias.dtype)
         return (
             d_image.astype(image_dtype),
             d_block.astype(text_dtype),
@@ -539,66 +470,49 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
 _siglip_loss_ring.defvjp(_siglip_ring_forward, _siglip_ring_backward)
 
 
-def _better(value, index, best_value, best_index):
-    """Whether (value, index) beats the best so far: larger, or equal at a lower index."""
-    return (value > best_value) | ((value == best_value) & (index < best_index))
-
-
 def _accuracy_ring(image_emb, text_emb, chunk_size):
     """Both in-batch argmaxes with the ring: forward only, `[chunk, b]` at a time."""
-    _, axes, size = _ring_context()
+    ring = Ring.of()
     batch = image_emb.shape[0]
-    rows = P(axes, None)
+    rows = P(ring.axes, None)
 
     def body(image, text):
         image = image.astype(jnp.float32)
         local = image.shape[0]
-        me = jax.lax.axis_index(axes)
+        own = ring.index() * local + jnp.arange(local)
         chunks, valid = _row_chunks(image, chunk_size)
-        row_ids, _ = _row_chunks(me * local + jnp.arange(local), chunk_size)
-        # Built from the local rows, so that shard_map types them as per-device values.
-        none_yet = (
-            jnp.full_like(image[:, 0], -jnp.inf),
-            jnp.full_like(image[:, 0], jnp.iinfo(jnp.int32).max, dtype=jnp.int32),
-        )
-        row_best, col_best, block = none_yet, none_yet, text
-        previous = None
-        for step in range(size):
-            block_ids = ((me + step) % size) * local + jnp.arange(local)
+        row_ids, _ = _row_chunks(own, chunk_size)
 
-            def tile_argmax(col_best, xs, block=block, block_ids=block_ids):
+        def keep_better(best, value, index):
+            wins = better(value, index, *best)
+            return jnp.where(wins, value, best[0]), jnp.where(wins, index, best[1])
+
+        def step(ring_step, row_best, block, col_best):
+            block_ids = ring.source(ring_step) * local + jnp.arange(local)
+
+            def tile_argmax(col_best, xs):
                 chunk_rows, ok, ids = xs
                 sims = jnp.where(ok[:, None], _tile(chunk_rows, block), -jnp.inf)
                 row_value, row_arg = sims.max(axis=1), jnp.argmax(sims, axis=1)
                 col_value, col_arg = sims.max(axis=0), jnp.argmax(sims, axis=0)
-                col_index = ids[col_arg]
-                wins = _better(col_value, col_index, *col_best)
-                col_best = (
-                    jnp.where(wins, col_value, col_best[0]),
-                    jnp.where(wins, col_index, col_best[1]),
-                )
+                col_best = keep_better(col_best, col_value, ids[col_arg])
                 return col_best, (row_value, block_ids[row_arg])
 
             col_best, (tile_value, tile_index) = jax.lax.scan(
                 tile_argmax, col_best, (chunks, valid, row_ids)
             )
-            tile_value = _unchunk(tile_value, local)
-            tile_index = _unchunk(tile_index, local)
-            wins = _better(tile_value, tile_index, *row_best)
-            row_best = (
-                jnp.where(wins, tile_value, row_best[0]),
-                jnp.where(wins, tile_index, row_best[1]),
-            )
-            if step < size - 1:
-                block = _after(block, previous)
-                block, col_best = _shift((block, col_best), axes, size)
-            else:  # the block is home; its column winners follow it
-                col_best = _shift(col_best, axes, size)
-            previous = row_best[0][0]  # the next send waits for this step
-        own = me * local + jnp.arange(local)
+            tile = _unchunk(tile_value, local), _unchunk(tile_index, local)
+            return keep_better(row_best, *tile), col_best
+
+        # Built from the local rows, so that shard_map types them as per-device values.
+        none_yet = (
+            jnp.full_like(image[:, 0], -jnp.inf),
+            jnp.full_like(image[:, 0], jnp.iinfo(jnp.int32).max, dtype=jnp.int32),
+        )
+        row_best, col_best = ring.run(step, none_yet, text, none_yet)
         image_to_text = jnp.sum(row_best[1] == own).astype(jnp.float32)
         text_to_image = jnp.sum(col_best[1] == own).astype(jnp.float32)
-        hits = jax.lax.psum(jnp.stack([image_to_text, text_to_image]), axes)
+        hits = jax.lax.psum(jnp.stack([image_to_text, text_to_image]), ring.axes)
         return hits / batch
 
     accuracy = _ring_fn(body, (rows, rows), P())(image_emb, text_emb)

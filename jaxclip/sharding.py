@@ -75,9 +75,14 @@ def make_mesh(
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def batch_size_per_shard(mesh: Mesh) -> int:
-    """How many shards the batch dimension is split into."""
-    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+def batch_axes(mesh: Any) -> tuple[str, ...]:
+    """The batch axes of `mesh` (concrete or abstract), in the order they split rows."""
+    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
+def batch_shards(mesh: Any) -> int:
+    """How many pieces the batch is split into on `mesh` (the ring size R)."""
+    return int(np.prod([mesh.shape[axis] for axis in batch_axes(mesh)], dtype=int))
 
 
 def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:

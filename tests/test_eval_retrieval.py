@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxclip import sharding
+from jaxclip import ring, sharding
 from jaxclip.evaluate import retrieval
 
 DIM = 16
@@ -83,23 +83,28 @@ def _mesh(name: str):
     return sharding.make_mesh(shape, jax.devices()[:devices])
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_exact_ties_equal_float64_reference_on_every_mesh(mesh_name):
+@pytest.mark.parametrize(
+    "mesh_name, ring_mode",
+    [(name, "auto") for name in MESHES] + [("8x1x1", "loop"), ("2x2x2", "loop")],
+)
+def test_exact_ties_equal_float64_reference_on_every_mesh(mesh_name, ring_mode):
     """37 images (not a multiple of 8), 1-5 captions each, many exact ties.
 
     The scores are exact, so every mesh must give the reference's numbers exactly,
-    and therefore the same numbers as each other.
+    and therefore the same numbers as each other. 'loop' runs the ring as the
+    `fori_loop` that TPUs and GPUs run (the CPU unrolls it on several devices).
     """
     image, text, text_to_image = _tied_case(37, seed=0)
     ks = _all_ks(len(text))
-    got = retrieval.retrieval_metrics(
-        image,
-        text,
-        text_to_image,
-        mesh=_mesh(mesh_name),
-        ks=ks,
-        block_size=MESHES[mesh_name][2],
-    )
+    with ring.forced(ring_mode):
+        got = retrieval.retrieval_metrics(
+            image,
+            text,
+            text_to_image,
+            mesh=_mesh(mesh_name),
+            ks=ks,
+            block_size=MESHES[mesh_name][2],
+        )
     assert got == _reference(image, text, text_to_image, ks)
 
 
@@ -221,6 +226,7 @@ def test_scores_memory_is_a_block_per_device():
         np.arange(num_images, dtype=np.int32),
         groups,
         mesh=mesh,
+        ring=ring.Ring.of(mesh),
         num_chunks=chunks,
     ).compile()
     temp_bytes = compiled.memory_analysis().temp_size_in_bytes

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxclip import losses, sharding
+from jaxclip import losses, ring, sharding
 
 BATCH, DIM = 32, 16
 
@@ -90,9 +90,15 @@ def test_ring_equals_dense(mesh_shape, loss_name, dtype):
                     )
 
 
+@pytest.mark.parametrize("mode", ["unrolled", "loop"])
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
-def test_chunked_ring_equals_dense(loss_name):
-    """Chunks that divide the local batch of 4 (1, 2) and that do not (3)."""
+def test_chunked_ring_equals_dense(loss_name, mode):
+    """Chunks that divide the local batch of 4 (1, 2) and that do not (3).
+
+    'loop' is the form TPUs and GPUs run (`lax.fori_loop` over the 8 ring steps, two
+    steps per iteration for the CLIP loss, so an odd remainder too); the CPU unrolls
+    it on several devices by default (jaxclip/ring.py).
+    """
     mesh = sharding.make_mesh((4, 2, 1))
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
     dense = _value_and_grads(loss_name, "dense")
@@ -106,8 +112,10 @@ def test_chunked_ring_equals_dense(loss_name):
         )
         want_loss, want_grads = dense(*args)
         for chunk_size in (1, 2, 3):
-            ring = _value_and_grads(loss_name, "ring", chunk_size)
-            got_loss, got_grads = ring(*args)
+            with ring.forced(mode):
+                got_loss, got_grads = _value_and_grads(loss_name, "ring", chunk_size)(
+                    *args
+                )
             np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
             for index, (got, want) in enumerate(zip(got_grads, want_grads)):
                 terms = 100.0 if index >= 2 else 100.0 / BATCH  # as in the test above
@@ -133,8 +141,10 @@ def _accuracy_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"noisy": (image, text), "ties": (one_hot, one_hot)}
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_ring_accuracy_equals_float64_argmax(mesh_shape):
+@pytest.mark.parametrize(
+    "mesh_shape, mode", [((8, 1, 1), "auto"), ((2, 2, 2), "auto"), ((2, 2, 2), "loop")]
+)
+def test_ring_accuracy_equals_float64_argmax(mesh_shape, mode):
     mesh = sharding.make_mesh(mesh_shape)
     rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
     for case, (image, text) in _accuracy_cases().items():
@@ -154,5 +164,6 @@ def test_ring_accuracy_equals_float64_argmax(mesh_shape):
                         i, t, impl="ring", chunk_size=c
                     )
                 )
-                got = accuracy(*args)
+                with ring.forced(mode):
+                    got = accuracy(*args)
                 np.testing.assert_allclose(got, want, err_msg=f"{case} {chunk_size}")

@@ -26,7 +26,7 @@ from jaxclip import sharding
 
 def global_batch_size(requested: int, mesh: Mesh) -> int:
     """`requested` rounded up to a multiple of the batch shards and the processes."""
-    multiple = int(np.lcm(sharding.batch_size_per_shard(mesh), jax.process_count()))
+    multiple = int(np.lcm(sharding.batch_shards(mesh), jax.process_count()))
     return -(-max(requested, 1) // multiple) * multiple
 
 

@@ -32,7 +32,7 @@ import optax
 import optax.tree_utils as otu
 from jax.sharding import Mesh
 
-from jaxclip.sharding import batch_sharding, batch_size_per_shard
+from jaxclip.sharding import batch_sharding, batch_shards
 
 # The paper's starting sweep: 1e-6, 1e-4, ..., 1e6 (two decades apart).
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**power for power in range(-6, 7, 2))
@@ -301,7 +301,7 @@ def _put(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
 def _place(features: np.ndarray, labels: np.ndarray, mesh: Mesh | None) -> _Rows:
     features = np.asarray(features, np.float32)
     labels = np.asarray(labels, np.int32)
-    pad = 0 if mesh is None else -len(labels) % batch_size_per_shard(mesh)
+    pad = 0 if mesh is None else -len(labels) % batch_shards(mesh)
     padded_features = np.pad(features, ((0, pad), (0, 0)))
     padded_labels = np.pad(labels, (0, pad))
     return _Rows(_put(padded_features, mesh), _put(padded_labels, mesh), labels, mesh)

@@ -3,7 +3,7 @@
 OpenCLIP scores every image against every caption in one `[N_images, N_texts]`
 matrix, which runs out of memory at scale. Here the embeddings are sharded over the
 batch axes `('data', 'fsdp')` of the mesh and ranks come from the ring of
-`jaxclip/losses.py`: each device keeps its query rows, key blocks travel round the
+`jaxclip/ring.py`: each device keeps its query rows, key blocks travel round the
 ring with `ppermute`, and a device scores its queries against `block_size` keys at a
 time. Per device the memory is the local queries and keys (`N / R` rows each, `R` the
 number of batch shards), the travelling key block (`N_keys / R` rows, two while one
@@ -30,9 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# The ring helpers of the contrastive loss: same sends, same ordering trick.
-from jaxclip.losses import _after, _better, _matmul32, _shift
-from jaxclip.sharding import BATCH_AXES, make_mesh
+from jaxclip.ring import Ring, better, matmul32
+from jaxclip.sharding import batch_axes, batch_shards, make_mesh
 
 _NO_INDEX = np.iinfo(np.int32).max  # "no correct key seen yet"; loses every tie
 
@@ -78,7 +77,7 @@ def retrieval_metrics(
     text_to_image = _check_text_to_image(text_to_image, num_images)
     ks = _check_options(ks, block_size)
     mesh = _resolve_mesh(mesh)
-    shards = _shards(mesh)
+    shards = batch_shards(mesh)
     # One padding serves both roles: a multiple of R for queries, of R * chunks for keys.
     image_chunks = _key_chunks(num_images, shards, block_size)
     image_rows = _padded_rows(num_images, shards, image_chunks)
@@ -89,11 +88,24 @@ def retrieval_metrics(
     # Padded rows belong to group -1, which no key and no query matches.
     image_groups = _pad(np.arange(num_images, dtype=np.int32), image_rows, -1)
     text_groups = _pad(text_to_image, text_rows, -1)
+    ring = Ring.of(mesh)
     image_ranks = _ranks(
-        image, text, image_groups, text_groups, mesh=mesh, num_chunks=text_chunks
+        image,
+        text,
+        image_groups,
+        text_groups,
+        mesh=mesh,
+        ring=ring,
+        num_chunks=text_chunks,
     )
     text_ranks = _ranks(
-        text, image, text_groups, image_groups, mesh=mesh, num_chunks=image_chunks
+        text,
+        image,
+        text_groups,
+        image_groups,
+        mesh=mesh,
+        ring=ring,
+        num_chunks=image_chunks,
     )
     return {
         **_summary("image_to_text", np.asarray(image_ranks)[:num_images], ks),
@@ -175,19 +187,9 @@ def _resolve_mesh(mesh: Mesh | None) -> Mesh:
     return make_mesh((1, 1, 1), jax.devices()[:1])
 
 
-def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The batch axes the ring runs over, in the order they split the rows."""
-    return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
-
-
-def _shards(mesh: Mesh) -> int:
-    """How many pieces the rows are split into: the ring size R."""
-    return int(np.prod([mesh.shape[axis] for axis in _batch_axes(mesh)], dtype=int))
-
-
 def _row_spec(mesh: Mesh, *trailing) -> P:
     """Rows split over the batch axes (whole if the mesh has none)."""
-    axes = _batch_axes(mesh)
+    axes = batch_axes(mesh)
     return P(axes if axes else None, *trailing)
 
 
@@ -249,7 +251,7 @@ def _prepare(embeddings, name: str, mesh: Mesh, normalize: bool, rows: int):
 # --- The sharded kernel ----------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("mesh", "num_chunks"))
+@partial(jax.jit, static_argnames=("mesh", "ring", "num_chunks"))
 def _ranks(
     queries: jax.Array,
     keys: jax.Array,
@@ -257,6 +259,7 @@ def _ranks(
     key_group: jax.Array,
     *,
     mesh: Mesh,
+    ring: Ring,
     num_chunks: int,
 ) -> jax.Array:
     """0-based rank of each query's best-placed matching key, replicated, `[N_queries]`.
@@ -269,23 +272,21 @@ def _ranks(
     pass 1 finds each query's best matching key (highest score, then lowest index),
     pass 2 counts the non-matching keys ahead of it. Per device that is one
     travelling key block and `[Nq / R, Nk / (R * num_chunks)]` scores at a time.
-    The ring steps are a Python loop: XLA:CPU can deadlock on collectives inside a
-    while loop (see losses.py).
+    `ring` is `Ring.of(mesh)`, taken outside the jit so that its loop-or-unrolled
+    choice (jaxclip/ring.py) is part of the compiled function's key.
     """
-    axes = _batch_axes(mesh)
-    size = _shards(mesh)
     rows, entries = _row_spec(mesh, None), _row_spec(mesh)
 
     def body(queries, query_group, keys, key_group):
         local_keys = keys.shape[0]
-        me = jax.lax.axis_index(axes) if axes else 0
 
-        def chunked(block, group, step):
-            # The block that left device (me + step) % size holds its own key rows.
-            first = ((me + step) % size) * local_keys
+        def chunked(block, step):
+            # The block that left ring position source(step) holds its own key rows.
+            keys, group = block
+            first = ring.source(step) * local_keys
             ids = first + jnp.arange(local_keys, dtype=jnp.int32)
             return (
-                block.reshape(num_chunks, -1, block.shape[1]),
+                keys.reshape(num_chunks, -1, keys.shape[1]),
                 group.reshape(num_chunks, -1),
                 ids.reshape(num_chunks, -1),
             )
@@ -296,7 +297,7 @@ def _ranks(
             # compute them bit for bit alike. The barrier keeps the dot a plain dot in
             # both, whatever each pass would fuse into it (a GPU compiler could pick a
             # different kernel, with another summation order, for each).
-            scores = jax.lax.optimization_barrier(_matmul32(queries, block.T))
+            scores = jax.lax.optimization_barrier(matmul32(queries, block.T))
             real = group[None, :] >= 0
             matches = real & (group[None, :] == query_group[:, None])
             return scores, real, matches, ids
@@ -307,7 +308,7 @@ def _ranks(
             value = masked.max(axis=1)
             at_value = matches & (masked == value[:, None])
             index = jnp.where(at_value, ids[None, :], _NO_INDEX).min(axis=1)
-            wins = _better(value, index, *best)
+            wins = better(value, index, *best)
             best_value, best_index = best
             return (
                 jnp.where(wins, value, best_value),
@@ -325,28 +326,29 @@ def _ranks(
             hits = before & real & ~matches
             return ahead + jnp.sum(hits, axis=1, dtype=jnp.int32), None
 
-        def ring(step_fn, carry, previous):
-            """Run `step_fn` over every key block; each send waits for the last step."""
-            block, group = keys, key_group
-            for step in range(size):
-                carry, _ = jax.lax.scan(step_fn, carry, chunked(block, group, step))
-                if step < size - 1:
-                    block = _after(block, previous)
-                    block, group = _shift((block, group), axes, size)
-                # An int: a padded query's best score is -inf, and 0 * -inf is NaN.
-                previous = jax.tree.leaves(carry)[-1][0]
-            return carry
+        def over_chunks(chunk_fn):
+            """A ring step: `chunk_fn` over the chunks of the block held now."""
+
+            def step(step, carry, block, riders):
+                carry, _ = jax.lax.scan(chunk_fn, carry, chunked(block, step))
+                return carry, riders
+
+            return step
 
         # Built from the local rows, so that shard_map types them as per-device values.
         none_yet = (
             jnp.full_like(query_group, -jnp.inf, dtype=jnp.float32),
             jnp.full_like(query_group, _NO_INDEX),
         )
-        best = ring(best_match, none_yet, None)
-        # Pass 2's first send waits for pass 1, so XLA cannot merge it with pass 1's
-        # (same operand) and keep that block alive across the pass.
-        ahead = ring(
-            partial(count_ahead, best), jnp.zeros_like(query_group), best[1][0]
+        block = (keys, key_group)
+        best, _ = ring.run(over_chunks(best_match), none_yet, block)
+        # Pass 2's sends wait for pass 1, so XLA cannot merge them with pass 1's (same
+        # operands) and keep those blocks alive across the pass.
+        ahead, _ = ring.run(
+            over_chunks(partial(count_ahead, best)),
+            jnp.zeros_like(query_group),
+            block,
+            wait_for=best[1],
         )
         return ahead
 
