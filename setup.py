@@ -39,6 +39,9 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.10", "array_record"],
         "sentencepiece": ["sentencepiece>=0.2"],  # SigLIP-style tokenizers
         "digits": ["scikit-learn"],  # data.source='digits': its bundled scans
+        # XLA's TPU compiler (libtpu, matched to jax) for `python -m jaxclip.aot`:
+        # compiles for a TPU slice on any machine, no TPU needed.
+        "tpu": ["jax[tpu]"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
@@ -57,6 +60,7 @@ setup(
             "array_record",
             "sentencepiece>=0.2",
             "scikit-learn",
+            "jax[tpu]",  # tests/test_aot.py compiles for small TPU slices
         ],
     },
 )

@@ -1,5 +1,12 @@
 """jaxclip: CLIP-style contrastive language-image pretraining in JAX."""
 
+# Before anything starts JAX's backends (see jaxclip/platforms.py).
+from jaxclip.platforms import cpu_only_without_accelerator
+
+cpu_only_without_accelerator()
+
+# ruff: noqa: E402
+
 from jaxclip.data.tokenizer import tokenize
 from jaxclip.inference import InferenceModel, create_model, load
 from jaxclip.models import CLIP, get_model_config, list_models

@@ -154,9 +154,18 @@ class ConfigError(ValueError):
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, workdir: str | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    num_devices: int | None = None,
+    check_data: bool = True,
 ) -> None:
-    """Check every field that can be checked without compiling; raise ConfigError."""
+    """Check every field that can be checked without compiling; raise ConfigError.
+
+    `num_devices` is the device count the mesh must fit (default: this process's
+    `jax.device_count()`; `jaxclip.aot` passes a TPU slice's); `check_data=False`
+    skips the data fields (compiling reads no data).
+    """
     _known_model(config.model.name)
     _check_choice(config.model.dtype, "model.dtype", DTYPES)
     _check_choice(config.model.remat, "model.remat", tuple(REMAT_POLICIES))
@@ -200,12 +209,15 @@ def validate_config(
         raise ConfigError("optim.weight_decay and optim.grad_clip_norm must be >= 0")
     if len(config.data.mean) != 3 or len(config.data.std) != 3:
         raise ConfigError("data.mean and data.std need 3 values (RGB)")
-    validate_data_config(config)
+    if check_data:
+        validate_data_config(config)
     validate_evals_config(config)
     validate_distributed_config(config)
 
     try:
-        mesh_shape = resolve_mesh_shape(config.mesh.shape, jax.device_count())
+        mesh_shape = resolve_mesh_shape(
+            config.mesh.shape, num_devices or jax.device_count()
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     batch_shards = int(np.prod([mesh_shape[MESH_AXES.index(a)] for a in BATCH_AXES]))

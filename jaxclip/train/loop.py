@@ -41,19 +41,22 @@ from jaxclip.train.state import (
 from jaxclip.train.step import make_encode_fns, make_train_step
 
 
-def build_model(config: ml_collections.ConfigDict) -> CLIP:
-    """The CLIP model named by `model.name`, with the config's dtype, scan and remat."""
+def build_model(config: ml_collections.ConfigDict, platform: str | None = None) -> CLIP:
+    """The CLIP model named by `model.name`, with the config's dtype, scan and remat.
+
+    `platform` is where it will run (default: JAX's backend; `jaxclip.aot` says 'tpu').
+    """
     return CLIP(
         get_model_config(config.model.name),
         logit_bias=config.loss.name == "siglip",
         dtype=jnp.dtype(config.model.dtype),
-        scan=use_scan(config.model.scan),
+        scan=use_scan(config.model.scan, platform),
         remat=config.model.remat,
     )
 
 
-def use_scan(requested: bool | None) -> bool:
-    """Whether layer stacks run as a loop; `None` (the default) picks per backend.
+def use_scan(requested: bool | None, platform: str | None = None) -> bool:
+    """Whether layer stacks run as a loop; `None` (the default) picks per platform.
 
     Automatic choice (docs/performance.md): scanned on GPUs and TPUs (deep models
     compile far faster); unrolled on the CPU, where steps run about 15% faster and even
@@ -65,9 +68,10 @@ def use_scan(requested: bool | None) -> bool:
     step at random. Unrolling gives the same parameters and numbers, so CPU runs with
     several devices unroll, and say so.
     """
+    platform = platform or jax.default_backend()
     if requested is None:
-        return jax.default_backend() != "cpu"
-    if requested and jax.default_backend() == "cpu" and jax.device_count() > 1:
+        return platform != "cpu"
+    if requested and platform == "cpu" and jax.device_count() > 1:
         if jax.process_index() == 0:
             print(
                 f"model.scan=True runs unrolled on {jax.device_count()} CPU devices "
