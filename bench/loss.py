@@ -17,6 +17,12 @@ On the CPU it emulates 8 devices (set before JAX starts). On a GPU/TPU machine,
     python bench/loss.py                       # the full table, 8 CPU devices
     python bench/loss.py --sizes=8192 --dims=512 --losses=clip
     python bench/loss.py --platform=gpu --sizes=32768,131072 --time-max=131072
+    python bench/loss.py --topologies=v5p:2x2x2,v5p:4x4x4,v5p:8x8x4   # TPU, deviceless
+
+`--topologies` compiles loss+grad for TPU slices with XLA's TPU compiler (libtpu,
+`pip install -e ".[tpu]"`; no TPU needed, nothing runs) at a fixed local batch, with
+the ring as the loop TPUs run and, up to `--unrolled-max-ring` devices, unrolled as
+XLA:CPU runs it: per-chip temp memory and compile time against the ring size.
 
 Prints a table and writes JSON (`--json`, default bench/results/loss.json).
 """
@@ -61,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=4096,
         help="local batch of the memory-vs-ring-size table (0: skip it)",
     )
-    parser.add_argument("--json", default="bench/results/loss.json")
+    parser.add_argument("--topologies", type=_strs, default=[], help="TPU slices")
+    parser.add_argument("--topology-local", type=int, default=4096)
+    parser.add_argument("--unrolled-max-ring", type=int, default=64)
+    parser.add_argument("--json", default="")
     return parser.parse_args(argv)
 
 
@@ -81,6 +90,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxclip import losses, sharding  # noqa: E402
+from jaxclip.ring import forced  # noqa: E402
 
 # --- Communication -----------------------------------------------------------------
 
@@ -292,7 +302,75 @@ def format_scaling(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def topology_rows(args: argparse.Namespace) -> list[dict]:
+    """Ring loss+grad compiled for TPU slices: temp memory and compile time vs R."""
+    from jaxclip import aot
+
+    rows = []
+    dtype, local, dim = jnp.dtype(args.dtype), args.topology_local, args.dims[0]
+    for topology in args.topologies:
+        devices = aot.topology_devices(topology)
+        mesh = sharding.make_mesh((len(devices), 1, 1), devices)
+        for loss in args.losses:
+            for mode in ("loop", "unrolled"):
+                if mode == "unrolled" and len(devices) > args.unrolled_max_ring:
+                    continue
+                with jax.set_mesh(mesh), forced(mode):
+                    specs = arguments(
+                        loss, local * len(devices), dim, dtype, mesh, False
+                    )
+                    start = time.perf_counter()
+                    fn = loss_and_grad(loss, "ring", args.chunk_size)
+                    compiled = fn.lower(*specs).compile()
+                    seconds = time.perf_counter() - start
+                temp = int(compiled.memory_analysis().temp_size_in_bytes)
+                row = {"topology": topology, "device_kind": devices[0].device_kind}
+                row |= {"loss": loss, "mode": mode, "R": len(devices), "b": local}
+                row |= {"d": dim, "temp_bytes": temp, "compile_s": seconds}
+                rows.append(row)
+                print(
+                    f"  {topology:11} {loss:6} {mode:8} R={len(devices):<4} temp "
+                    f"{temp / MIB:7.1f} MiB = {temp / (local * dim):5.1f} B/(b·d), "
+                    f"compile {seconds:6.1f} s",
+                    flush=True,
+                )
+    return rows
+
+
+def format_topologies(rows: list[dict]) -> str:
+    lines = [
+        "| topology | chip | loss | ring | R | temp MiB/chip | temp B/(b·d) | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['topology']} | {r['device_kind']} | {r['loss']} | {r['mode']} "
+            f"| {r['R']} | {r['temp_bytes'] / MIB:,.1f} "
+            f"| {r['temp_bytes'] / (r['b'] * r['d']):.1f} | {r['compile_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main_topologies(args: argparse.Namespace) -> None:
+    print(
+        f"# ring loss+grad for TPU slices (deviceless), b={args.topology_local} per "
+        f"chip, d={args.dims[0]}, {args.dtype}, chunk_size {args.chunk_size}, "
+        f"jax {jax.__version__}",
+        flush=True,
+    )
+    rows = topology_rows(args)
+    print(format_topologies(rows))
+    out = Path(args.json or "bench/results/loss_tpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "host": platform.node(), "dtype": args.dtype}
+    meta |= {"chunk_size": args.chunk_size, "b": args.topology_local}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.topologies:
+        return main_topologies(args)
     devices = jax.devices()
     mesh = sharding.make_mesh((len(devices), 1, 1), devices)
     print(
@@ -322,7 +400,7 @@ def main(args: argparse.Namespace) -> None:
     if scaling:
         print(f"\n# fixed local batch {args.scaling_local}: temp memory vs ring size")
         print(format_scaling(scaling))
-    out = Path(args.json)
+    out = Path(args.json or "bench/results/loss.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "devices": len(devices),

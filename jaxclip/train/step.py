@@ -74,19 +74,24 @@ def _full_batch_grads(
 TEMPERATURE_PARAMS = ("logit_scale", "logit_bias")
 
 
-def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
-    """`[B, ...] -> [k, B/k, ...]`; micro-batch i holds rows i, i+k, i+2k, ...
+def _micro_view(x: jax.Array, accum_steps: int) -> jax.Array:
+    """`[B, ...] -> [B/k, k, ...]`; micro-batch i is `[:, i]`: rows i, i+k, i+2k, ...
 
     Every device's contiguous shard of rows splits into k strided micro-batches of its
-    own, so the split moves no data between devices.
+    own, so neither the split nor taking one micro-batch moves or copies more than that
+    micro-batch (a `[k, B/k, ...]` layout would copy the whole batch transposed).
     """
-    micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
-    micro = jnp.swapaxes(micro, 0, 1)
-    return nn.with_logical_constraint(micro, (None, "batch") + (None,) * (x.ndim - 1))
+    view = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+    return nn.with_logical_constraint(view, ("batch", None) + (None,) * (x.ndim - 1))
+
+
+def _micro(view: jax.Array, index) -> jax.Array:
+    """Micro-batch `index` of a `_micro_view`: `[B/k, ...]`."""
+    return jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False)
 
 
 def _merge_micro(x: jax.Array) -> jax.Array:
-    """Inverse of `_split_micro`: `[k, B/k, ...] -> [B, ...]` in the original order."""
+    """Micro-batch outputs stacked `[k, B/k, ...]` back to `[B, ...]`, batch order."""
     merged = jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
     return nn.with_logical_constraint(merged, ("batch",) + (None,) * (x.ndim - 2))
 
@@ -101,6 +106,8 @@ def gradcache_grads(
 ):
     """Exact gradient accumulation over `accum_steps` micro-batches (GradCache).
 
+    Micro-batch i holds rows i, i+k, ... of every device's shard (`_micro_view`).
+
     1. Embed every micro-batch without keeping activations.
     2. Take the loss over the full batch, and its gradient with respect to the
        embeddings and the temperature (and bias): the negatives are the full batch's.
@@ -114,9 +121,13 @@ def gradcache_grads(
     Returns `(loss, grads, outputs, batch_stats)` like the one-pass step.
     """
     params = variables["params"]
-    micro_images = _split_micro(images, accum_steps)  # [k, B/k, H, W, 3]
-    micro_tokens = _split_micro(tokens, accum_steps)  # [k, B/k, L]
+    micro_images = _micro_view(images, accum_steps)  # [B/k, k, H, W, 3]
+    micro_tokens = _micro_view(tokens, accum_steps)  # [B/k, k, L]
     unrolled = not getattr(model, "scan", True)
+    steps = jnp.arange(accum_steps)
+
+    def micro_batch(index):
+        return _micro(micro_images, index), _micro(micro_tokens, index)
 
     def embed(params, batch_stats, micro_batch):
         micro_images, micro_tokens = micro_batch
@@ -132,14 +143,12 @@ def gradcache_grads(
         return embeddings, mutated.get("batch_stats", batch_stats)
 
     # 1. Embeddings of all micro-batches; nothing is kept for a backward pass.
-    def embed_step(batch_stats, micro_batch):
-        embeddings, batch_stats = embed(params, batch_stats, micro_batch)
+    def embed_step(batch_stats, index):
+        embeddings, batch_stats = embed(params, batch_stats, micro_batch(index))
         return batch_stats, embeddings
 
     start_stats = variables.get("batch_stats", {})
-    batch_stats, (image_emb, text_emb) = _loop(
-        embed_step, start_stats, (micro_images, micro_tokens), unrolled
-    )
+    batch_stats, (image_emb, text_emb) = _loop(embed_step, start_stats, steps, unrolled)
 
     # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
     def full_loss(image_emb, text_emb, temperature):
@@ -151,25 +160,21 @@ def gradcache_grads(
     loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
         full_loss, argnums=(0, 1, 2)
     )(image_emb, text_emb, temperature)
-    d_image = _split_micro(d_image, accum_steps)
-    d_text = _split_micro(d_text, accum_steps)
+    d_image = _micro_view(d_image, accum_steps)
+    d_text = _micro_view(d_text, accum_steps)
 
     # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
     # passed in only matter for their structure: training-mode BatchNorm normalises
     # with the micro-batch's own statistics, exactly as in step 1.
-    def backward_step(grads, xs):
-        micro_batch, cotangent = xs
-        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, micro_batch)[0], params)
+    def backward_step(grads, index):
+        batch = micro_batch(index)
+        cotangent = (_micro(d_image, index), _micro(d_text, index))
+        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, batch)[0], params)
         (micro_grads,) = vjp_fn(cotangent)
         return jax.tree.map(jnp.add, grads, micro_grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = _loop(
-        backward_step,
-        zeros,
-        ((micro_images, micro_tokens), (d_image, d_text)),
-        unrolled,
-    )
+    grads, _ = _loop(backward_step, zeros, steps, unrolled)
     grads = {**grads, **d_temperature}  # the towers never touch the temperature
     out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
     return loss, grads, out, batch_stats
