@@ -103,8 +103,13 @@ def gradcache_grads(
     images: jax.Array,
     tokens: jax.Array,
     accum_steps: int,
+    prepare_images: Callable[[jax.Array], jax.Array] = lambda images: images,
 ):
     """Exact gradient accumulation over `accum_steps` micro-batches (GradCache).
+
+    `prepare_images` turns one micro-batch's images into the model's input (the
+    train step passes its uint8 batch and normalises here, one micro-batch at a time:
+    normalised images of the whole batch would take twice its uint8 bytes in bf16).
 
     Micro-batch i holds rows i, i+k, ... of every device's shard (`_micro_view`).
 
@@ -127,7 +132,7 @@ def gradcache_grads(
     steps = jnp.arange(accum_steps)
 
     def micro_batch(index):
-        return _micro(micro_images, index), _micro(micro_tokens, index)
+        return prepare_images(_micro(micro_images, index)), _micro(micro_tokens, index)
 
     def embed(params, batch_stats, micro_batch):
         micro_images, micro_tokens = micro_batch
@@ -213,18 +218,27 @@ def make_train_step(
 
     accum_steps = config.train.accum_steps
 
+    def prepare_images(images: jax.Array) -> jax.Array:
+        return normalize_images(images, mean, std, model.dtype)
+
     def train_step(state: TrainState, batch: Batch):
-        images = normalize_images(batch["images"], mean, std, model.dtype)
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
         if accum_steps == 1:
+            images = prepare_images(batch["images"])
             loss, grads, out, batch_stats = _full_batch_grads(
                 config, model, variables, images, batch["tokens"]
             )
         else:
             loss, grads, out, batch_stats = gradcache_grads(
-                config, model, variables, images, batch["tokens"], accum_steps
+                config,
+                model,
+                variables,
+                batch["images"],
+                batch["tokens"],
+                accum_steps,
+                prepare_images,
             )
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
