@@ -74,26 +74,41 @@ def _full_batch_grads(
 TEMPERATURE_PARAMS = ("logit_scale", "logit_bias")
 
 
-def _micro_view(x: jax.Array, accum_steps: int) -> jax.Array:
-    """`[B, ...] -> [B/k, k, ...]`; micro-batch i is `[:, i]`: rows i, i+k, i+2k, ...
+def _batch_shards() -> int:
+    """How many shards the batch is split into on the mesh in context (1 if none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return sharding.batch_shards(mesh) if mesh.axis_names else 1
 
-    Every device's contiguous shard of rows splits into k strided micro-batches of its
-    own, so neither the split nor taking one micro-batch moves or copies more than that
-    micro-batch (a `[k, B/k, ...]` layout would copy the whole batch transposed).
+
+def _micro_view(x: jax.Array, accum_steps: int) -> jax.Array:
+    """`[B, ...] -> [R, k, B/(R k), ...]`: each of the R batch shards' rows in k
+    contiguous micro-batches; micro-batch i is `[:, i]`.
+
+    Each device splits only its own rows, and a micro-batch is a contiguous block of
+    them: taking one copies that micro-batch and nothing else. (Strided micro-batches,
+    rows i, i+k, ..., made XLA:TPU copy the whole uint8 batch into another layout.)
     """
-    view = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
-    return nn.with_logical_constraint(view, ("batch", None) + (None,) * (x.ndim - 1))
+    shards = _batch_shards()
+    view = x.reshape(
+        shards, accum_steps, x.shape[0] // shards // accum_steps, *x.shape[1:]
+    )
+    return nn.with_logical_constraint(view, ("batch",) + (None,) * x.ndim)
 
 
 def _micro(view: jax.Array, index) -> jax.Array:
-    """Micro-batch `index` of a `_micro_view`: `[B/k, ...]`."""
-    return jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False)
+    """Micro-batch `index` of a `_micro_view`, as a batch `[B/k, ...]`."""
+    micro = jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False)
+    micro = micro.reshape(-1, *micro.shape[2:])
+    return nn.with_logical_constraint(micro, ("batch",) + (None,) * (micro.ndim - 1))
 
 
-def _merge_micro(x: jax.Array) -> jax.Array:
+def _merge_micro(stacked: jax.Array) -> jax.Array:
     """Micro-batch outputs stacked `[k, B/k, ...]` back to `[B, ...]`, batch order."""
-    merged = jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-    return nn.with_logical_constraint(merged, ("batch",) + (None,) * (x.ndim - 2))
+    steps, rows, *rest = stacked.shape
+    shards = _batch_shards()
+    merged = stacked.reshape(steps, shards, rows // shards, *rest)
+    merged = jnp.swapaxes(merged, 0, 1).reshape(steps * rows, *rest)
+    return nn.with_logical_constraint(merged, ("batch",) + (None,) * len(rest))
 
 
 def gradcache_grads(
@@ -111,7 +126,8 @@ def gradcache_grads(
     train step passes its uint8 batch and normalises here, one micro-batch at a time:
     normalised images of the whole batch would take twice its uint8 bytes in bf16).
 
-    Micro-batch i holds rows i, i+k, ... of every device's shard (`_micro_view`).
+    Micro-batch i holds the i-th of k contiguous blocks of every batch shard's rows
+    (`_micro_view`).
 
     1. Embed every micro-batch without keeping activations.
     2. Take the loss over the full batch, and its gradient with respect to the
@@ -126,8 +142,8 @@ def gradcache_grads(
     Returns `(loss, grads, outputs, batch_stats)` like the one-pass step.
     """
     params = variables["params"]
-    micro_images = _micro_view(images, accum_steps)  # [B/k, k, H, W, 3]
-    micro_tokens = _micro_view(tokens, accum_steps)  # [B/k, k, L]
+    micro_images = _micro_view(images, accum_steps)  # [R, k, B/(R k), H, W, 3]
+    micro_tokens = _micro_view(tokens, accum_steps)  # [R, k, B/(R k), L]
     unrolled = not getattr(model, "scan", True)
     steps = jnp.arange(accum_steps)
 
