@@ -178,13 +178,11 @@ def loss_and_grad(loss: str, impl: str, chunk_size: int):
 def arguments(loss: str, batch: int, dim: int, dtype, mesh, concrete: bool):
     emb_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
     scalar_sharding = NamedSharding(mesh, P())
-    scalars = [jnp.float32(np.log(100.0))] + ([jnp.float32(-10.0)] * (loss != "clip"))
     if not concrete:
         emb = jax.ShapeDtypeStruct((batch, dim), dtype, sharding=emb_sharding)
-        return [emb, emb] + [
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
-            for _ in scalars
-        ]
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sharding)
+        return [emb, emb] + [scalar] * (1 if loss == "clip" else 2)
+    scalars = [jnp.float32(np.log(100.0))] + ([jnp.float32(-10.0)] * (loss != "clip"))
     rng = np.random.default_rng(0)
     embs = []
     for _ in range(2):

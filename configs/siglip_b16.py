@@ -2,7 +2,14 @@
 (init -10), pixels normalised to [-1, 1], batch 32,768, AdamW, weight decay 1e-4
 (SigLIP paper, Zhai et al. 2023).
 
-    python -m jaxclip.train --config=configs/siglip_b16.py --workdir=DIR
+Target: a TPU v5p-64 slice (`v5p:4x4x4`, 64 chips, 512 samples per chip), with remat
+'dots' as for ViT-B-16; the step compiled for it and its per-chip memory are in
+docs/tpu.md:
+
+    python -m jaxclip.aot --config=configs/siglip_b16.py --topology=v5p:4x4x4
+
+    python -m jaxclip.train --config=configs/siglip_b16.py --workdir=/path/to/workdir \
+        --config.data.path='/data/shards/{00000..41407}.tar'
 """
 
 from __future__ import annotations
@@ -24,4 +31,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.95
     config.optim.weight_decay = 1e-4
     config.optim.warmup_steps = 5000
+    config.model.remat = "dots"  # fits v5p-64 with headroom (docs/tpu.md)
     return config

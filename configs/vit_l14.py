@@ -1,7 +1,13 @@
 """ViT-L-14, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
 weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
 
-    python -m jaxclip.train --config=configs/vit_l14.py --workdir=gs://bucket/vit_l14 \
+Target: a TPU v5p-64 slice (`v5p:4x4x4`, 64 chips, 512 samples per chip), with remat
+'full' ('dots' needs more HBM than a chip has); the step compiled for it and its
+per-chip memory are in docs/tpu.md:
+
+    python -m jaxclip.aot --config=configs/vit_l14.py --topology=v5p:4x4x4
+
+    python -m jaxclip.train --config=configs/vit_l14.py --workdir=/path/to/workdir \
         --config.data.path='/data/shards/{00000..41407}.tar'
 """
 
@@ -15,4 +21,6 @@ from jaxclip.config import clip_paper_recipe
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ViT-L-14 recipe; `arg` is unused."""
     del arg
-    return clip_paper_recipe("ViT-L-14")
+    config = clip_paper_recipe("ViT-L-14")
+    config.model.remat = "full"  # fits v5p-64 with headroom (docs/tpu.md)
+    return config

@@ -219,7 +219,7 @@ def compile_recipe(
         learning_rate_schedule,
         make_optimizer,
     )
-    from jaxclip.train.step import make_encode_fns, make_train_step
+    from jaxclip.train.step import make_encode_fns, make_train_step, step_batch_spec
 
     validate_config(config, num_devices=len(devices), check_data=False)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
@@ -231,14 +231,19 @@ def compile_recipe(
     train_step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, state_shardings
     )
-    batch = {
-        name: jax.ShapeDtypeStruct(
-            spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, spec.ndim)
-        )
-        for name, spec in batch_spec.items()
-    }
-    programs = [compile_program("train_step", lambda: train_step.lower(state, batch))]
-    if encoders:
+    step_batch = step_batch_spec(config, mesh)
+    programs = [
+        compile_program("train_step", lambda: train_step.lower(state, step_batch))
+    ]
+    if encoders:  # on a batch of the global batch size
+        batch = {
+            name: jax.ShapeDtypeStruct(
+                spec.shape,
+                spec.dtype,
+                sharding=sharding.batch_sharding(mesh, spec.ndim),
+            )
+            for name, spec in batch_spec.items()
+        }
         encode_images, encode_texts = make_encode_fns(config, model, mesh)
         variables = {"params": state.params}
         if state.batch_stats:

@@ -101,14 +101,30 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def micro_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """`[k, B/k, ...]` micro-batches: each one's rows split like a batch."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def shard_batch(
+    host_batch: dict[str, np.ndarray], mesh: Mesh, accum_steps: int = 1
+) -> dict[str, jax.Array]:
     """Turn this process's part of a batch into global arrays split over the batch axes.
 
     Each process passes only its own rows; with one process that is the whole batch.
+    With `accum_steps` = k > 1 each array arrives as k micro-batches, `[k, B/k, ...]`:
+    micro-batch i holds the i-th block of B/(k P) rows of each of the P processes, and
+    its rows are split over the batch axes. Splitting here, on the host, is free; a
+    train step that split `[B, ...]` itself made XLA:TPU copy the whole uint8 image
+    batch into another layout (docs/tpu.md).
     """
-    return {
-        name: jax.make_array_from_process_local_data(
-            batch_sharding(mesh, np.ndim(value)), np.asarray(value)
-        )
-        for name, value in host_batch.items()
-    }
+    arrays = {}
+    for name, value in host_batch.items():
+        value = np.asarray(value)
+        if accum_steps > 1:
+            value = value.reshape(accum_steps, -1, *value.shape[1:])
+            where = micro_batch_sharding(mesh, value.ndim)
+        else:
+            where = batch_sharding(mesh, value.ndim)
+        arrays[name] = jax.make_array_from_process_local_data(where, value)
+    return arrays

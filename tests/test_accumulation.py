@@ -35,12 +35,29 @@ def batch_and_params(config, model):
     return {"params": params}, images, tokens
 
 
-def sharded_grads(fn, mesh, variables, images, tokens):
-    shard = sharding.batch_sharding
-    images = jax.device_put(images, shard(mesh, 4))
-    tokens = jax.device_put(tokens, shard(mesh, 2))
-    loss, grads, out, _ = in_mesh(jax.jit(fn), mesh)(variables, images, tokens)
+def sharded_grads(fn, mesh, variables, images, tokens, accum_steps=None):
+    """`fn` jitted on the mesh, given the batch whole or, with `accum_steps` = k
+    (1 too), as k consecutive micro-batches `[k, B/k, ...]`, the layout GradCache
+    takes, each split over the batch axes."""
+    batch = []
+    for x in (np.asarray(images), np.asarray(tokens)):
+        if accum_steps is None:
+            batch.append(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))
+        else:
+            x = x.reshape(accum_steps, -1, *x.shape[1:])
+            where = sharding.micro_batch_sharding(mesh, x.ndim)
+            batch.append(jax.device_put(x, where))
+    loss, grads, out, _ = in_mesh(jax.jit(fn), mesh)(variables, *batch)
     return jax.device_get((loss, grads, out))
+
+
+def micro_batch_order(rows: np.ndarray, accum_steps: int) -> np.ndarray:
+    """The big batch's rows in the order GradCache returns them: the batch split
+    into k consecutive micro-batches of m rows, then row j of micro-batch i at
+    j k + i (one process)."""
+    return np.swapaxes(rows.reshape(accum_steps, -1, *rows.shape[1:]), 0, 1).reshape(
+        rows.shape
+    )
 
 
 def assert_grads_close(got, want):
@@ -96,16 +113,18 @@ def test_accumulated_grads_equal_big_batch(
     (variables, images, tokens), want = big_batch_reference[loss_name]
     want_loss, want_grads, want_out = want
     got_loss, got_grads, got_out = sharded_grads(
-        lambda v, i, t: gradcache_grads(config, model, v, i, t, accum_steps),
+        lambda v, i, t: gradcache_grads(config, model, v, i, t),
         mesh,
         variables,
         images,
         tokens,
+        accum_steps,
     )
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    # The full batch's embeddings come back in the batch's own order.
-    np.testing.assert_allclose(got_out["image_emb"], want_out["image_emb"], atol=1e-6)
-    np.testing.assert_allclose(got_out["text_emb"], want_out["text_emb"], atol=1e-6)
+    # The full batch's embeddings come back, each micro-batch's rows interleaved.
+    for name in ("image_emb", "text_emb"):
+        want_rows = micro_batch_order(want_out[name], accum_steps)
+        np.testing.assert_allclose(got_out[name], want_rows, atol=1e-6, err_msg=name)
     assert_grads_close(got_grads, want_grads)
     # The temperature's gradient is counted once, not k times.
     np.testing.assert_allclose(
@@ -129,11 +148,12 @@ def test_accumulation_with_scanned_layers_and_remat(remat):
     )
     model = CLIP(get_model_config("tiny-vit"), scan=True, remat=remat)
     _, got_grads, _ = sharded_grads(
-        lambda v, i, t: gradcache_grads(config, model, v, i, t, 4),
+        lambda v, i, t: gradcache_grads(config, model, v, i, t),
         mesh,
         variables,
         images,
         tokens,
+        accum_steps=4,
     )
     assert_grads_close(got_grads, want_grads)
 

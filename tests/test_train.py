@@ -65,7 +65,8 @@ def run_steps(config, mesh, num_steps: int):
     )
     history = []
     for _ in range(num_steps):
-        state, metrics = step(state, sharding.shard_batch(next(data), mesh))
+        batch = sharding.shard_batch(next(data), mesh, config.train.accum_steps)
+        state, metrics = step(state, batch)
         history.append(jax.device_get(metrics))
     return jax.device_get(state), history
 

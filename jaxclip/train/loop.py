@@ -176,6 +176,7 @@ def train_and_evaluate(
         ),
         mesh,
         config.train.prefetch,
+        config.train.accum_steps,
     )
 
     # --- State: restored from the latest checkpoint, or freshly initialised.

@@ -23,14 +23,16 @@ from jaxclip import sharding
 
 
 class DevicePrefetcher:
-    """Wraps a host iterator with `get_state`/`set_state`; yields sharded global batches."""
+    """Wraps a host iterator with `get_state`/`set_state`; yields sharded global batches
+    (as `[k, B/k, ...]` micro-batches when `accum_steps` = k > 1: see `shard_batch`)."""
 
-    def __init__(self, iterator: Any, mesh: Mesh, size: int = 1):
+    def __init__(self, iterator: Any, mesh: Mesh, size: int = 1, accum_steps: int = 1):
         if size < 1:
             raise ValueError(f"train.prefetch={size} must be >= 1")
         self.iterator = iterator
         self.mesh = mesh
         self.size = size
+        self.accum_steps = accum_steps  # > 1: batches arrive as micro-batches
         self._queue: collections.deque[tuple[dict[str, jax.Array], Any]] = (
             collections.deque()
         )
@@ -49,7 +51,8 @@ class DevicePrefetcher:
         while len(self._queue) < (self.size if count is None else count):
             host_batch = next(self.iterator)
             state = self.iterator.get_state()
-            self._queue.append((sharding.shard_batch(host_batch, self.mesh), state))
+            batch = sharding.shard_batch(host_batch, self.mesh, self.accum_steps)
+            self._queue.append((batch, state))
 
     def get_state(self) -> Any:
         """The host iterator's state after the last batch handed out."""

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxclip import losses, sharding
 from jaxclip.data.transforms import normalize_images
+from jaxclip.models.registry import get_model_config
 from jaxclip.train.state import TrainState, clip_logit_scale
 
 Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
@@ -74,41 +75,20 @@ def _full_batch_grads(
 TEMPERATURE_PARAMS = ("logit_scale", "logit_bias")
 
 
-def _batch_shards() -> int:
-    """How many shards the batch is split into on the mesh in context (1 if none)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return sharding.batch_shards(mesh) if mesh.axis_names else 1
-
-
-def _micro_view(x: jax.Array, accum_steps: int) -> jax.Array:
-    """`[B, ...] -> [R, k, B/(R k), ...]`: each of the R batch shards' rows in k
-    contiguous micro-batches; micro-batch i is `[:, i]`.
-
-    Each device splits only its own rows, and a micro-batch is a contiguous block of
-    them: taking one copies that micro-batch and nothing else. (Strided micro-batches,
-    rows i, i+k, ..., made XLA:TPU copy the whole uint8 batch into another layout.)
-    """
-    shards = _batch_shards()
-    view = x.reshape(
-        shards, accum_steps, x.shape[0] // shards // accum_steps, *x.shape[1:]
-    )
-    return nn.with_logical_constraint(view, ("batch",) + (None,) * x.ndim)
-
-
-def _micro(view: jax.Array, index) -> jax.Array:
-    """Micro-batch `index` of a `_micro_view`, as a batch `[B/k, ...]`."""
-    micro = jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False)
-    micro = micro.reshape(-1, *micro.shape[2:])
-    return nn.with_logical_constraint(micro, ("batch",) + (None,) * (micro.ndim - 1))
-
-
 def _merge_micro(stacked: jax.Array) -> jax.Array:
-    """Micro-batch outputs stacked `[k, B/k, ...]` back to `[B, ...]`, batch order."""
-    steps, rows, *rest = stacked.shape
-    shards = _batch_shards()
-    merged = stacked.reshape(steps, shards, rows // shards, *rest)
-    merged = jnp.swapaxes(merged, 0, 1).reshape(steps * rows, *rest)
-    return nn.with_logical_constraint(merged, ("batch",) + (None,) * len(rest))
+    """`[k, B/k, ...]` micro-batches to one batch `[B, ...]`, row `j k + i` being row
+    j of micro-batch i: each device interleaves its own rows, nothing moves."""
+    merged = jnp.swapaxes(stacked, 0, 1).reshape(-1, *stacked.shape[2:])
+    return nn.with_logical_constraint(merged, ("batch",) + (None,) * (merged.ndim - 1))
+
+
+def _split_micro(batch: jax.Array, accum_steps: int) -> jax.Array:
+    """Inverse of `_merge_micro`: `[B, ...]` to `[k, B/k, ...]`."""
+    split = batch.reshape(-1, accum_steps, *batch.shape[1:])
+    split = jnp.swapaxes(split, 0, 1)
+    return nn.with_logical_constraint(
+        split, (None, "batch") + (None,) * (batch.ndim - 1)
+    )
 
 
 def gradcache_grads(
@@ -117,17 +97,17 @@ def gradcache_grads(
     variables: dict[str, Any],
     images: jax.Array,
     tokens: jax.Array,
-    accum_steps: int,
     prepare_images: Callable[[jax.Array], jax.Array] = lambda images: images,
 ):
-    """Exact gradient accumulation over `accum_steps` micro-batches (GradCache).
+    """Exact gradient accumulation over micro-batches (GradCache).
+
+    `images` `[k, B/k, H, W, 3]` and `tokens` `[k, B/k, L]` hold the k micro-batches
+    (`sharding.shard_batch(..., accum_steps=k)` makes them), each split over the batch
+    axes: the loop takes one at a time along the leading axis, which copies nothing.
 
     `prepare_images` turns one micro-batch's images into the model's input (the
     train step passes its uint8 batch and normalises here, one micro-batch at a time:
     normalised images of the whole batch would take twice its uint8 bytes in bf16).
-
-    Micro-batch i holds the i-th of k contiguous blocks of every batch shard's rows
-    (`_micro_view`).
 
     1. Embed every micro-batch without keeping activations.
     2. Take the loss over the full batch, and its gradient with respect to the
@@ -139,19 +119,16 @@ def gradcache_grads(
     The temperature's gradient comes from step 2 only, so it is counted once. With
     BatchNorm (ResNets) each micro-batch normalises with its own statistics, as in
     any accumulation scheme, and the running statistics are updated k times.
-    Returns `(loss, grads, outputs, batch_stats)` like the one-pass step.
+    Returns `(loss, grads, outputs, batch_stats)` like the one-pass step, with the
+    outputs' embeddings `[B, d]` in `_merge_micro`'s order.
     """
     params = variables["params"]
-    micro_images = _micro_view(images, accum_steps)  # [R, k, B/(R k), H, W, 3]
-    micro_tokens = _micro_view(tokens, accum_steps)  # [R, k, B/(R k), L]
+    accum_steps = images.shape[0]
     unrolled = not getattr(model, "scan", True)
-    steps = jnp.arange(accum_steps)
-
-    def micro_batch(index):
-        return prepare_images(_micro(micro_images, index)), _micro(micro_tokens, index)
 
     def embed(params, batch_stats, micro_batch):
         micro_images, micro_tokens = micro_batch
+        micro_images = prepare_images(micro_images)
         extra = {"batch_stats": batch_stats} if batch_stats else {}
         out, mutated = model.apply(
             {"params": params, **extra},
@@ -164,12 +141,14 @@ def gradcache_grads(
         return embeddings, mutated.get("batch_stats", batch_stats)
 
     # 1. Embeddings of all micro-batches; nothing is kept for a backward pass.
-    def embed_step(batch_stats, index):
-        embeddings, batch_stats = embed(params, batch_stats, micro_batch(index))
+    def embed_step(batch_stats, micro_batch):
+        embeddings, batch_stats = embed(params, batch_stats, micro_batch)
         return batch_stats, embeddings
 
     start_stats = variables.get("batch_stats", {})
-    batch_stats, (image_emb, text_emb) = _loop(embed_step, start_stats, steps, unrolled)
+    batch_stats, (image_emb, text_emb) = _loop(
+        embed_step, start_stats, (images, tokens), unrolled
+    )
 
     # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
     def full_loss(image_emb, text_emb, temperature):
@@ -181,21 +160,22 @@ def gradcache_grads(
     loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
         full_loss, argnums=(0, 1, 2)
     )(image_emb, text_emb, temperature)
-    d_image = _micro_view(d_image, accum_steps)
-    d_text = _micro_view(d_text, accum_steps)
+    d_image = _split_micro(d_image, accum_steps)
+    d_text = _split_micro(d_text, accum_steps)
 
     # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
     # passed in only matter for their structure: training-mode BatchNorm normalises
     # with the micro-batch's own statistics, exactly as in step 1.
-    def backward_step(grads, index):
-        batch = micro_batch(index)
-        cotangent = (_micro(d_image, index), _micro(d_text, index))
-        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, batch)[0], params)
+    def backward_step(grads, xs):
+        micro_batch, cotangent = xs
+        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, micro_batch)[0], params)
         (micro_grads,) = vjp_fn(cotangent)
         return jax.tree.map(jnp.add, grads, micro_grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = _loop(backward_step, zeros, steps, unrolled)
+    grads, _ = _loop(
+        backward_step, zeros, ((images, tokens), (d_image, d_text)), unrolled
+    )
     grads = {**grads, **d_temperature}  # the towers never touch the temperature
     out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
     return loss, grads, out, batch_stats
@@ -216,6 +196,30 @@ def _loop(step: Callable, carry: Any, xs: Any, unrolled: bool):
     if outputs[0] is None:
         return carry, None
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+
+
+def step_batch_spec(
+    config: ml_collections.ConfigDict, mesh: Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of the batch the train step takes: `[B, ...]`, or
+    `[k, B/k, ...]` micro-batches with `train.accum_steps` = k > 1 (`shard_batch`)."""
+    model_config = get_model_config(config.model.name)
+    size = model_config.vision.image_size
+    rows = (config.train.batch_size,)
+    accum_steps = config.train.accum_steps
+    if accum_steps > 1:
+        rows = (accum_steps, config.train.batch_size // accum_steps)
+    shapes = {
+        "images": (rows + (size, size, 3), jnp.uint8),
+        "tokens": (rows + (model_config.text.context_length,), jnp.int32),
+    }
+    layout = (
+        sharding.micro_batch_sharding if accum_steps > 1 else sharding.batch_sharding
+    )
+    return {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=layout(mesh, len(shape)))
+        for name, (shape, dtype) in shapes.items()
+    }
 
 
 def make_train_step(
@@ -253,7 +257,6 @@ def make_train_step(
                 variables,
                 batch["images"],
                 batch["tokens"],
-                accum_steps,
                 prepare_images,
             )
         grad_norm = optax.tree.norm(grads)
@@ -304,8 +307,7 @@ def make_train_step(
         return new_state, metrics
 
     batch_shardings = {
-        "images": sharding.batch_sharding(mesh, 4),
-        "tokens": sharding.batch_sharding(mesh, 2),
+        name: spec.sharding for name, spec in step_batch_spec(config, mesh).items()
     }
     jitted = jax.jit(
         train_step,
