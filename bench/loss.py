@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -89,24 +88,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jaxclip import losses, sharding  # noqa: E402
+from jaxclip import aot, losses, sharding  # noqa: E402
 from jaxclip.ring import forced  # noqa: E402
 
 # --- Communication -----------------------------------------------------------------
-
-COLLECTIVE = re.compile(
-    r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-gather|all-reduce|reduce-scatter|"
-    r"collective-permute|all-to-all)(?P<start>-start)?\("
-)
-ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|f16|bf16|f32|f64|s64|u64)\[([\d,]*)\]")
-ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
-ITEM_BYTES.update({"s32": 4, "u32": 4})
-ITEM_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8})
-
-
-def _array_bytes(dtype: str, dims: str) -> int:
-    size = int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1
-    return size * ITEM_BYTES[dtype]
 
 
 def hlo_bytes_sent(hlo_text: str, devices: int) -> int:
@@ -116,21 +101,19 @@ def hlo_bytes_sent(hlo_text: str, devices: int) -> int:
     for an async `-start` op, whose tuple holds operand, result and context, the
     largest. collective-permute sends its operand once; all-gather (n-1)/n of its
     result; reduce-scatter (n-1) times its result; all-reduce 2(n-1)/n (ring
-    algorithm). A collective inside a loop would count once; the losses keep theirs
-    outside loops.
+    algorithm). A collective inside a loop counts once (`jaxclip.aot.collectives`):
+    on the CPU's several devices the ring is unrolled, so every send is written out;
+    on GPU and TPU it is a loop, and the schedule column is the one to read.
     """
-    sent = 0.0
-    for match in COLLECTIVE.finditer(hlo_text):
-        sizes = [_array_bytes(*a) for a in ARRAY.findall(match["shape"])]
-        size = max(sizes) if match["start"] else sum(sizes)
-        fraction = {
-            "collective-permute": 1.0,
-            "all-gather": (devices - 1) / devices,
-            "all-to-all": (devices - 1) / devices,
-            "reduce-scatter": devices - 1,
-            "all-reduce": 2 * (devices - 1) / devices,
-        }[match["op"]]
-        sent += fraction * size
+    fractions = {
+        "collective-permute": 1.0,
+        "all-gather": (devices - 1) / devices,
+        "all-to-all": (devices - 1) / devices,
+        "reduce-scatter": devices - 1,
+        "all-reduce": 2 * (devices - 1) / devices,
+    }
+    found = aot.collectives(hlo_text)
+    sent = sum(fractions[kind] * entry["bytes"] for kind, entry in found.items())
     return int(sent)
 
 
@@ -302,8 +285,6 @@ def format_scaling(rows: list[dict]) -> str:
 
 def topology_rows(args: argparse.Namespace) -> list[dict]:
     """Ring loss+grad compiled for TPU slices: temp memory and compile time vs R."""
-    from jaxclip import aot
-
     rows = []
     dtype, local, dim = jnp.dtype(args.dtype), args.topology_local, args.dims[0]
     for topology in args.topologies:

@@ -1,9 +1,9 @@
 """RN50, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
 weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
 
-Target: a TPU v5p-64 slice (`v5p:4x4x4`, 64 chips, 512 samples per chip), with no remat,
-data parallel (BatchNorm nets); the step compiled for it and its per-chip memory are in
-docs/tpu.md:
+Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with no
+remat, data parallel (BatchNorm nets); the step compiled for it and its per-chip memory
+are in docs/tpu.md:
 
     python -m jaxclip.aot --config=configs/rn50.py --topology=v5p:4x4x4
 

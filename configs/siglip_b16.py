@@ -2,7 +2,7 @@
 (init -10), pixels normalised to [-1, 1], batch 32,768, AdamW, weight decay 1e-4
 (SigLIP paper, Zhai et al. 2023).
 
-Target: a TPU v5p-64 slice (`v5p:4x4x4`, 64 chips, 512 samples per chip), with remat
+Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with remat
 'dots' as for ViT-B-16; the step compiled for it and its per-chip memory are in
 docs/tpu.md:
 
@@ -31,5 +31,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.95
     config.optim.weight_decay = 1e-4
     config.optim.warmup_steps = 5000
-    config.model.remat = "dots"  # fits v5p-64 with headroom (docs/tpu.md)
+    config.model.remat = "dots"  # fits v5p-128 with headroom (docs/tpu.md)
     return config

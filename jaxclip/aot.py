@@ -24,6 +24,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxclip import sharding
+from jaxclip.config import ConfigError, validate_config
+from jaxclip.models.registry import get_model_config
+from jaxclip.train import mfu
+from jaxclip.train.loop import build_model, example_batch
+from jaxclip.train.state import (
+    abstract_train_state,
+    count_params,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from jaxclip.train.step import make_encode_fns, make_train_step, step_batch_spec
+
 GIB = 2**30
 
 # HBM a program may use on one device, by `device_kind`, as XLA's TPU compiler states
@@ -206,21 +223,6 @@ def compile_recipe(
     config: Any, devices: list[Any], encoders: bool = True
 ) -> dict[str, Any]:
     """Compile the trainer's step (and evaluation encoders) for `devices`; a report."""
-    import jax
-
-    from jaxclip import sharding
-    from jaxclip.config import validate_config
-    from jaxclip.models.registry import get_model_config
-    from jaxclip.train import mfu
-    from jaxclip.train.loop import build_model, example_batch
-    from jaxclip.train.state import (
-        abstract_train_state,
-        count_params,
-        learning_rate_schedule,
-        make_optimizer,
-    )
-    from jaxclip.train.step import make_encode_fns, make_train_step, step_batch_spec
-
     validate_config(config, num_devices=len(devices), check_data=False)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     platform = devices[0].platform
@@ -235,28 +237,8 @@ def compile_recipe(
     programs = [
         compile_program("train_step", lambda: train_step.lower(state, step_batch))
     ]
-    if encoders:  # on a batch of the global batch size
-        batch = {
-            name: jax.ShapeDtypeStruct(
-                spec.shape,
-                spec.dtype,
-                sharding=sharding.batch_sharding(mesh, spec.ndim),
-            )
-            for name, spec in batch_spec.items()
-        }
-        encode_images, encode_texts = make_encode_fns(config, model, mesh)
-        variables = {"params": state.params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        programs += [
-            compile_program(
-                "encode_images",
-                lambda: encode_images.lower(variables, batch["images"]),
-            ),
-            compile_program(
-                "encode_texts", lambda: encode_texts.lower(variables, batch["tokens"])
-            ),
-        ]
+    if encoders:
+        programs += compile_encoders(config, model, mesh, state, batch_spec)
     chips = len(devices)
     analytic = mfu.analytic_flops(
         get_model_config(config.model.name), config.train.batch_size
@@ -283,6 +265,30 @@ def compile_recipe(
         },
         "jax": jax.__version__,
     }
+
+
+def compile_encoders(
+    config: Any, model: Any, mesh: Any, state: Any, batch_spec: dict[str, Any]
+) -> list[Compiled]:
+    """The evaluation encoders, compiled on a batch of the global batch size."""
+    batch = {
+        name: jax.ShapeDtypeStruct(
+            spec.shape, spec.dtype, sharding=sharding.batch_sharding(mesh, spec.ndim)
+        )
+        for name, spec in batch_spec.items()
+    }
+    encode_images, encode_texts = make_encode_fns(config, model, mesh)
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return [
+        compile_program(
+            "encode_images", lambda: encode_images.lower(variables, batch["images"])
+        ),
+        compile_program(
+            "encode_texts", lambda: encode_texts.lower(variables, batch["tokens"])
+        ),
+    ]
 
 
 def fits(report: dict[str, Any], hbm: float | None, headroom: float) -> bool | None:
@@ -346,8 +352,6 @@ def find_max_batch(
     With `micro_batch` > 0 each trial sets `accum_steps` to keep that many rows per
     batch shard in a micro-batch (GradCache), instead of keeping `accum_steps`.
     """
-    from jaxclip import sharding
-
     config = config.copy_and_resolve_references()
     mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, len(devices))
     shards = mesh_shape[0] * mesh_shape[1]  # the batch axes (data, fsdp)
@@ -449,12 +453,8 @@ def format_report(report: dict[str, Any], hbm: float | None, headroom: float) ->
 
 def main(argv: list[str]) -> None:
     """`python -m jaxclip.aot`: compile a recipe for a slice, print, write JSON."""
-    from absl import app, flags
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxclip.config import ConfigError
-
     options = flags.FLAGS
     devices = topology_devices(options.topology)
     hbm = hbm_bytes(devices[0], options.hbm_gib)
@@ -502,9 +502,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file(
         "config", None, "Recipe: a config file with get_config(arg).", lock_config=True
     )
@@ -529,7 +526,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)
