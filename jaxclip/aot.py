@@ -32,14 +32,19 @@ from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.models.registry import get_model_config
 from jaxclip.train import mfu
-from jaxclip.train.loop import build_model, example_batch
+from jaxclip.train.loop import build_model
 from jaxclip.train.state import (
     abstract_train_state,
     count_params,
     learning_rate_schedule,
     make_optimizer,
 )
-from jaxclip.train.step import make_encode_fns, make_train_step, step_batch_spec
+from jaxclip.train.step import (
+    example_batch,
+    make_encode_fns,
+    make_train_step,
+    step_batch_spec,
+)
 
 GIB = 2**30
 

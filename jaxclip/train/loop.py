@@ -38,7 +38,7 @@ from jaxclip.train.state import (
     learning_rate_schedule,
     make_optimizer,
 )
-from jaxclip.train.step import make_encode_fns, make_train_step
+from jaxclip.train.step import example_batch, make_encode_fns, make_train_step
 
 
 def build_model(config: ml_collections.ConfigDict, platform: str | None = None) -> CLIP:
@@ -127,19 +127,6 @@ def enable_compilation_cache(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one global batch."""
-    model_config = get_model_config(config.model.name)
-    size = model_config.vision.image_size
-    batch = config.train.batch_size
-    return {
-        "images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
-        "tokens": jax.ShapeDtypeStruct(
-            (batch, model_config.text.context_length), jnp.int32
-        ),
-    }
 
 
 def train_and_evaluate(

@@ -17,7 +17,9 @@ from jaxclip.data.transforms import normalize_images
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.state import TrainState, clip_logit_scale
 
-Batch = dict[str, jax.Array]  # images uint8 [B, H, W, 3], tokens int32 [B, L]
+# images uint8 [B, H, W, 3], tokens int32 [B, L]; with accum_steps = k > 1 each as
+# k micro-batches [k, B/k, ...] (step_batch_spec)
+Batch = dict[str, jax.Array]
 
 
 def contrastive_loss(
@@ -198,28 +200,34 @@ def _loop(step: Callable, carry: Any, xs: Any, unrolled: bool):
     return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
 
+def example_batch(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global batch."""
+    model_config = get_model_config(config.model.name)
+    size = model_config.vision.image_size
+    batch = config.train.batch_size
+    return {
+        "images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+        "tokens": jax.ShapeDtypeStruct(
+            (batch, model_config.text.context_length), jnp.int32
+        ),
+    }
+
+
 def step_batch_spec(
     config: ml_collections.ConfigDict, mesh: Mesh
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes, dtypes and shardings of the batch the train step takes: `[B, ...]`, or
     `[k, B/k, ...]` micro-batches with `train.accum_steps` = k > 1 (`shard_batch`)."""
-    model_config = get_model_config(config.model.name)
-    size = model_config.vision.image_size
-    rows = (config.train.batch_size,)
     accum_steps = config.train.accum_steps
-    if accum_steps > 1:
-        rows = (accum_steps, config.train.batch_size // accum_steps)
-    shapes = {
-        "images": (rows + (size, size, 3), jnp.uint8),
-        "tokens": (rows + (model_config.text.context_length,), jnp.int32),
-    }
-    layout = (
-        sharding.micro_batch_sharding if accum_steps > 1 else sharding.batch_sharding
-    )
-    return {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=layout(mesh, len(shape)))
-        for name, (shape, dtype) in shapes.items()
-    }
+    specs = {}
+    for name, spec in example_batch(config).items():
+        if accum_steps > 1:
+            shape = (accum_steps, spec.shape[0] // accum_steps, *spec.shape[1:])
+            where = sharding.micro_batch_sharding(mesh, len(shape))
+        else:
+            shape, where = spec.shape, sharding.batch_sharding(mesh, spec.ndim)
+        specs[name] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=where)
+    return specs
 
 
 def make_train_step(
