@@ -350,12 +350,14 @@ def find_max_batch(
     micro_batch: int = 0,
     resolution: float = 1 / 16,
     log: Callable[[str], None] = print,
+    known: dict[int, bool] | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """The largest global batch whose train step fits; returns it and every trial.
 
     Batches stay multiples of (batch shards x accum_steps), so each is a valid config.
     With `micro_batch` > 0 each trial sets `accum_steps` to keep that many rows per
     batch shard in a micro-batch (GradCache), instead of keeping `accum_steps`.
+    `known` maps batches already compiled with these settings to whether they fit.
     """
     config = config.copy_and_resolve_references()
     mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, len(devices))
@@ -364,6 +366,8 @@ def find_max_batch(
     trials: list[dict[str, Any]] = []
 
     def fits_at(batch: int) -> bool:
+        if known and batch in known:
+            return known[batch]
         config.train.batch_size = batch
         if micro_batch:
             config.train.accum_steps = batch // shards // micro_batch
@@ -496,6 +500,11 @@ def main(argv: list[str]) -> None:
             options.headroom,
             micro_batch=options.micro_batch,
             resolution=options.resolution,
+            # The report above compiled the config's own batch (same settings unless
+            # --micro_batch changes accum_steps).
+            known={}
+            if options.micro_batch
+            else {config.train.batch_size: report["fits"]},
         )
         report["max_batch"] = {"batch_size": best, "trials": trials}
         print(f"max global batch: {best:,} ({best // len(devices):,} per chip)")
