@@ -360,8 +360,7 @@ def find_max_batch(
     `known` maps batches already compiled with these settings to whether they fit.
     """
     config = config.copy_and_resolve_references()
-    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, len(devices))
-    shards = mesh_shape[0] * mesh_shape[1]  # the batch axes (data, fsdp)
+    shards = sharding.batch_shards(sharding.make_mesh(config.mesh.shape, devices))
     rows_per_step = micro_batch or config.train.accum_steps
     trials: list[dict[str, Any]] = []
 
