@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxclip import sharding  # noqa: E402
 from jaxclip.config import base_config  # noqa: E402
-from jaxclip.models.clip import CLIP  # noqa: E402
+from jaxclip.models.build import create_model  # noqa: E402
 from jaxclip.models.registry import (  # noqa: E402
     ModelConfig,
     TextConfig,
@@ -120,21 +120,11 @@ def jaxclip_runner(
     config.train.batch_size = workload.batch_size
     config.loss.impl = args.loss_impl
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    model = CLIP(
-        workload.model,
-        dtype=jnp.dtype(args.dtype),
-        scan=args.scan,
-        remat=args.remat,
+    model = create_model(
+        workload.model, dtype=args.dtype, scan=args.scan, remat=args.remat
     )
     tx = make_optimizer(config)
-    size = workload.model.vision.image_size
-    spec = {
-        "images": jax.ShapeDtypeStruct((workload.batch_size, size, size, 3), jnp.uint8),
-        "tokens": jax.ShapeDtypeStruct(
-            (workload.batch_size, workload.model.text.context_length), jnp.int32
-        ),
-    }
-    state, shardings = create_train_state(model, tx, mesh, jax.random.key(0), spec)
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(0))
     train_step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
@@ -143,7 +133,8 @@ def jaxclip_runner(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         (state, first),
     )
-    compiled, compile_seconds = compile_train_step(train_step, state, first)
+    with sharding.use_mesh(mesh):
+        compiled, compile_seconds = compile_train_step(train_step, state, first)
     if compile_only:
         return {"compiled": compiled, "compile_s": compile_seconds}
     analytic = mfu.analytic_flops(workload.model, workload.batch_size)
@@ -158,11 +149,17 @@ def jaxclip_runner(
     return {
         "step": step,
         "compiled": compiled,
-        "jaxpr": lambda: train_step.trace(*abstract).jaxpr,  # bench/bound.py
+        "jaxpr": lambda: trace_in_mesh(train_step, mesh, abstract),  # bench/bound.py
         "compile_s": compile_seconds,
         "flops_per_step": flops,
         "flops_source": flops_source,
     }
+
+
+def trace_in_mesh(train_step: Callable, mesh: Any, abstract: Any) -> Any:
+    """The step's jaxpr, traced with the mesh and logical rules in context."""
+    with sharding.use_mesh(mesh):
+        return train_step.trace(*abstract).jaxpr
 
 
 # --- OpenCLIP

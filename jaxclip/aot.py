@@ -3,7 +3,7 @@ fits: `python -m jaxclip.aot --config=configs/vit_l14.py --topology=v5p:4x4x4`.
 
 XLA's TPU compiler (libtpu: `pip install -e ".[tpu]"`) compiles for a topology
 described by name (`jax.experimental.topologies`), in one CPU process, for up to 256
-chips. The step compiled is the trainer's own (`jaxclip.train.loop.build_model`,
+chips. The step compiled is the trainer's own (`jaxclip.models.build.model_from_config`,
 `abstract_train_state`, `make_train_step`), with the state's and the batch's
 shardings on a mesh of the slice's devices; nothing is allocated and nothing runs, but
 every decision of the compiler is real. Reported per chip: argument, output and
@@ -30,21 +30,15 @@ from ml_collections import config_flags
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
+from jaxclip.models.build import count_params, make_encoders, model_from_config
 from jaxclip.models.registry import get_model_config
 from jaxclip.train import mfu
-from jaxclip.train.loop import build_model
 from jaxclip.train.state import (
     abstract_train_state,
-    count_params,
     learning_rate_schedule,
     make_optimizer,
 )
-from jaxclip.train.step import (
-    example_batch,
-    make_encode_fns,
-    make_train_step,
-    step_batch_spec,
-)
+from jaxclip.train.step import example_batch, make_train_step, step_batch_spec
 
 GIB = 2**30
 
@@ -231,19 +225,21 @@ def compile_recipe(
     validate_config(config, num_devices=len(devices), check_data=False)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     platform = devices[0].platform
-    model = build_model(config, platform)
+    model = model_from_config(config, platform)
     tx = make_optimizer(config)
-    batch_spec = example_batch(config)
-    state, state_shardings = abstract_train_state(model, tx, mesh, batch_spec)
+    state, state_shardings = abstract_train_state(model, tx, mesh)
     train_step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, state_shardings
     )
     step_batch = step_batch_spec(config, mesh)
-    programs = [
-        compile_program("train_step", lambda: train_step.lower(state, step_batch))
-    ]
-    if encoders:
-        programs += compile_encoders(config, model, mesh, state, batch_spec)
+    with sharding.use_mesh(mesh):
+        programs = [
+            compile_program("train_step", lambda: train_step.lower(state, step_batch))
+        ]
+        if encoders:
+            programs += compile_encoders(
+                config, model, mesh, state, example_batch(config)
+            )
     chips = len(devices)
     analytic = mfu.analytic_flops(
         get_model_config(config.model.name), config.train.batch_size
@@ -282,7 +278,9 @@ def compile_encoders(
         )
         for name, spec in batch_spec.items()
     }
-    encode_images, encode_texts = make_encode_fns(config, model, mesh)
+    encode_images, encode_texts = make_encoders(
+        model, config.data.mean, config.data.std
+    )
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats

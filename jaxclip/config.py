@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.name = "ViT-B-32"
     config.model.dtype = "float32"  # compute dtype; params stay float32
     # lax.scan over layers (False: unrolled, same params); None: scanned on GPU/TPU,
-    # unrolled on the CPU (jaxclip.train.loop.use_scan)
+    # unrolled on the CPU (jaxclip.models.build.use_scan)
     config.model.scan = ml_collections.config_dict.placeholder(bool)
     config.model.remat = "none"  # none | full | dots | dots_no_batch
 

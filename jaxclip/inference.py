@@ -18,7 +18,6 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +25,10 @@ from PIL import Image
 
 from jaxclip.convert.files import Weights, load_weights
 from jaxclip.data.tokenizer import tokenize
-from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD, normalize_images
+from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.evaluate.zeroshot import zero_shot_classifier
-from jaxclip.models.clip import CLIP
+from jaxclip.models.build import create_model as create_clip
+from jaxclip.models.build import init_variables, make_encoders
 from jaxclip.models.registry import ModelConfig, get_model_config
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -145,28 +145,13 @@ class InferenceModel:
     ):
         self.config = config
         self.name = name
-        self.module = CLIP(config, logit_bias=logit_bias, dtype=jnp.dtype(dtype))
+        self.module = create_clip(config, use_logit_bias=logit_bias, dtype=dtype)
         self.preprocess = Preprocess(
             config.vision.image_size, resize_mode, interpolation
         )
         self.tokenizer = Tokenizer(config.text.context_length)
         self.batch_size = batch_size
-        module, mean, std = self.module, tuple(mean), tuple(std)
-
-        @functools.partial(jax.jit, static_argnames="normalize")
-        def encode_images(variables, images, normalize=True):
-            images = normalize_images(images, mean, std, module.dtype)
-            return module.apply(
-                variables, images, normalize=normalize, method=module.encode_image
-            ).astype(jnp.float32)
-
-        @functools.partial(jax.jit, static_argnames="normalize")
-        def encode_tokens(variables, tokens, normalize=True):
-            return module.apply(
-                variables, tokens, normalize=normalize, method=module.encode_text
-            ).astype(jnp.float32)
-
-        self._encode_images, self._encode_tokens = encode_images, encode_tokens
+        self.encoders = make_encoders(self.module, mean, std)
 
     def __repr__(self) -> str:
         return f"InferenceModel({self.name or self.config})"
@@ -181,11 +166,7 @@ class InferenceModel:
 
     def init(self, seed: int = 0) -> dict:
         """Random variables (for tests and trying things out)."""
-        size, length = self.image_size, self.context_length
-        images = jnp.zeros((1, size, size, 3), jnp.float32)
-        tokens = jnp.zeros((1, length), jnp.int32)
-        variables = jax.jit(self.module.init)(jax.random.key(seed), images, tokens)
-        return nn.meta.unbox(variables)
+        return init_variables(self.module, jax.random.key(seed))
 
     # --- Encoders.
 
@@ -212,7 +193,7 @@ class InferenceModel:
                 return np.asarray(chunk)
             return np.stack([self.preprocess(image) for image in chunk])
 
-        encode = functools.partial(self._encode_images, normalize=normalize)
+        encode = functools.partial(self.encoders.images, normalize=normalize)
         return self._batched(encode, variables, images, batch)
 
     def encode_text(
@@ -235,7 +216,7 @@ class InferenceModel:
         def batch(chunk):
             return np.asarray(chunk, np.int32) if is_tokens else self.tokenizer(chunk)
 
-        encode = functools.partial(self._encode_tokens, normalize=normalize)
+        encode = functools.partial(self.encoders.texts, normalize=normalize)
         return self._batched(encode, variables, texts, batch)
 
     def _batched(self, encode, variables, items, make_batch) -> np.ndarray:

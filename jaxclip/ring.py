@@ -14,7 +14,7 @@ Loop or unrolled (`use_loop`, the one place that decides):
 - On XLA:CPU with several devices the steps are unrolled in Python: XLA:CPU can run a
   collective inside a while loop and one outside it in different orders on different
   devices, and deadlock (the same reason layer stacks unroll there:
-  `jaxclip.train.loop.use_scan`). R is at most the CPU device count there.
+  `jaxclip.models.build.use_scan`). R is at most the CPU device count there.
 `forced("loop")` / `forced("unrolled")` override the choice while tracing (tests and
 benchmarks use it).
 """

@@ -10,7 +10,8 @@ whole while a parameter `[embed, mlp]` shards it over `fsdp`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +36,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", None),
 )
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
+    """Enter `mesh` and the logical rules: tracing needs both for the activation
+    constraints inside the model. The trainer and the evaluation command enter it once,
+    around everything they compile and run."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield mesh
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:

@@ -97,7 +97,7 @@ def open_clip() -> types.ModuleType:
 def random_variables(config, seed: int, logit_bias: bool = False) -> dict:
     """Random variables of `config`, made without running the model's init: weights
     and biases normal(0, 0.05), gains and BatchNorm variances uniform(0.5, 1.5)."""
-    from jaxclip.convert.openclip import abstract_variables
+    from jaxclip.models.build import abstract_variables, create_model
 
     rng = np.random.default_rng(seed)
 
@@ -107,7 +107,7 @@ def random_variables(config, seed: int, logit_bias: bool = False) -> dict:
         return rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(
-        draw, abstract_variables(config, logit_bias)
+        draw, abstract_variables(create_model(config, use_logit_bias=logit_bias))
     )
 
 

@@ -13,7 +13,7 @@ from jaxclip.data.pipeline import ShapesIterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models import CLIP
 from jaxclip.models.registry import get_model_config
-from jaxclip.train.step import _full_batch_grads, gradcache_grads, in_mesh
+from jaxclip.train.step import full_batch_grads, gradcache_grads
 from tests.test_train import assert_same_run, run_steps, tiny_config
 
 BATCH = 32  # 4 per device on 8 devices, so k = 1, 2, 4 all divide it
@@ -47,7 +47,8 @@ def sharded_grads(fn, mesh, variables, images, tokens, accum_steps=None):
             x = x.reshape(accum_steps, -1, *x.shape[1:])
             where = sharding.micro_batch_sharding(mesh, x.ndim)
             batch.append(jax.device_put(x, where))
-    loss, grads, out, _ = in_mesh(jax.jit(fn), mesh)(variables, *batch)
+    with sharding.use_mesh(mesh):
+        loss, grads, out, _ = jax.jit(fn)(variables, *batch)
     return jax.device_get((loss, grads, out))
 
 
@@ -72,7 +73,7 @@ def assert_grads_close(got, want):
 def tiny_vit(loss_name: str) -> CLIP:
     # Unrolled: XLA:CPU can deadlock on collectives inside loops with 8 devices.
     return CLIP(
-        get_model_config("tiny-vit"), logit_bias=loss_name == "siglip", scan=False
+        get_model_config("tiny-vit"), use_logit_bias=loss_name == "siglip", scan=False
     )
 
 
@@ -87,7 +88,7 @@ def big_batch_reference():
         references[loss_name] = (
             (variables, images, tokens),
             sharded_grads(
-                lambda v, i, t, c=config, m=model: _full_batch_grads(c, m, v, i, t),
+                lambda v, i, t, c=config, m=model: full_batch_grads(c, m, v, i, t),
                 mesh,
                 variables,
                 images,
@@ -140,7 +141,7 @@ def test_accumulation_with_scanned_layers_and_remat(remat):
     plain = CLIP(get_model_config("tiny-vit"), scan=True)
     variables, images, tokens = batch_and_params(config, plain)
     _, want_grads, _ = sharded_grads(
-        lambda v, i, t: _full_batch_grads(config, plain, v, i, t),
+        lambda v, i, t: full_batch_grads(config, plain, v, i, t),
         mesh,
         variables,
         images,

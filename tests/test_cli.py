@@ -131,13 +131,13 @@ def test_unwritable_workdir_is_refused(tmp_path):
 def test_recipes_load_and_build():
     from config_util import recipe
 
-    from jaxclip.models.__main__ import parameter_counts
+    from jaxclip.models.build import create_model, parameter_counts
 
     for name in ("demo", "vit_b32", "vit_b16", "vit_l14", "rn50", "siglip_b16"):
         config = recipe(name)
         config.data.source = "shapes"  # real data sources come with the data pipeline
         validate_config(config)
-        assert parameter_counts(config.model.name)["total"] > 0
+        assert parameter_counts(create_model(config.model.name))["total"] > 0
         if name != "demo":
             assert config.train.batch_size == 32768
             assert (config.optim.b1, config.optim.eps) == (0.9, 1e-6)

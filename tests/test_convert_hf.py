@@ -21,6 +21,7 @@ import jaxclip
 from jaxclip.convert import hf, load_weights, openclip, save_hf
 from jaxclip.convert.files import Weights
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
+from jaxclip.models.build import abstract_variables, create_model
 
 EMBED_TOL, LOGIT_TOL = 1e-4, 1e-3
 CAPTIONS = [
@@ -186,9 +187,9 @@ def test_hf_export_refuses_resnets_and_siglip(tmp_path):
     # Shapes suffice: the export refuses before it reads any array.
     rn = jaxclip.get_model_config("tiny-rn")
     with pytest.raises(ValueError, match="no ResNet image tower"):
-        save_hf(Weights(rn, openclip.abstract_variables(rn), "tiny-rn"), tmp_path)
+        save_hf(Weights(rn, abstract_variables(create_model(rn)), "tiny-rn"), tmp_path)
     vit = jaxclip.get_model_config("tiny-vit")
-    siglip = openclip.abstract_variables(vit, logit_bias=True)
+    siglip = abstract_variables(create_model(vit, use_logit_bias=True))
     with pytest.raises(ValueError, match="SigLIP logit bias"):
         save_hf(Weights(vit, siglip, "tiny-vit"), tmp_path)
     assert not list(tmp_path.iterdir())  # nothing half-written

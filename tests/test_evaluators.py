@@ -24,11 +24,11 @@ from jaxclip.data.tokenizer import tokenize
 from jaxclip.evaluate import evaluators
 from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
 from jaxclip.evaluate.zeroshot import prompt_texts
+from jaxclip.models.build import make_encoders
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.loop import train_and_evaluate
-from jaxclip.train.step import make_encode_fns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 16
@@ -125,7 +125,7 @@ def test_results_are_identical_on_any_mesh(random_tiny_model):
         "1 device": ((1, 1, 1), 1),
     }.items():
         mesh = sharding.make_mesh(shape, jax.devices()[:count])
-        encoders = make_encode_fns(config, model, mesh)
+        encoders = make_encoders(model, config.data.mean, config.data.std)
         placed = jax.device_put(variables, sharding.replicated(mesh))
         got = {}
         for kind, data in (("zeroshot", zeroshot_set), ("retrieval", retrieval_set)):
@@ -133,7 +133,8 @@ def test_results_are_identical_on_any_mesh(random_tiny_model):
             evaluator = _evaluator_with(
                 entry, data, encoders, mesh, list(digits.ZEROSHOT_TEMPLATES)
             )
-            got.update(evaluator.run(placed))
+            with sharding.use_mesh(mesh):
+                got.update(evaluator.run(placed))
         results[name] = {k: v for k, v in got.items() if not k.endswith("/seconds")}
     assert results["8x1x1"] == results["2x2x2"] == results["1 device"]
     assert set(results["1 device"]) >= {

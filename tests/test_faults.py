@@ -22,10 +22,11 @@ from config_util import recipe
 
 from jaxclip import sharding
 from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train import step as step_module
 from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.guard import NonFiniteError
-from jaxclip.train.loop import build_model, example_batch, train_and_evaluate
+from jaxclip.train.loop import train_and_evaluate
 from jaxclip.train.state import (
     abstract_train_state,
     create_train_state,
@@ -146,7 +147,7 @@ def final_state(workdir, config, mesh=None):
     """The latest checkpoint's state and data position, restored on `mesh`."""
     mesh = mesh or sharding.make_mesh(config.mesh.shape)
     abstract, _ = abstract_train_state(
-        build_model(config), make_optimizer(config), mesh, example_batch(config)
+        build_model(config), make_optimizer(config), mesh
     )
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     state, data_state = checkpointer.restore(abstract)
@@ -261,35 +262,36 @@ def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
     config = demo_config()
     mesh = sharding.make_mesh(config.mesh.shape)
     model, tx = build_model(config), make_optimizer(config)
-    state, shardings = create_train_state(
-        model, tx, mesh, jax.random.key(0), example_batch(config)
-    )
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(0))
     train_step = step_module.make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
     size = model.config.vision.image_size
     data = ShapesIterator(0, 16, size, model.config.text.context_length)
-
-    state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
-    assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0
-    before = jax.device_get(state)
-    state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
-    assert np.isnan(metrics["loss"])
-    assert int(metrics["nonfinite_streak"]) == 1 == int(metrics["nonfinite_total"])
-    after = jax.device_get(state)
-    assert int(after.step) == 2  # the batch is consumed; the update is not applied
-    for tree in ("params", "opt_state", "batch_stats"):
-        jax.tree.map(
-            np.testing.assert_array_equal, getattr(after, tree), getattr(before, tree)
+    with sharding.use_mesh(mesh):
+        state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
+        assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0
+        before = jax.device_get(state)
+        state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
+        assert np.isnan(metrics["loss"])
+        assert int(metrics["nonfinite_streak"]) == 1 == int(metrics["nonfinite_total"])
+        after = jax.device_get(state)
+        assert int(after.step) == 2  # the batch is consumed; the update is not applied
+        for tree in ("params", "opt_state", "batch_stats"):
+            jax.tree.map(
+                np.testing.assert_array_equal,
+                getattr(after, tree),
+                getattr(before, tree),
+            )
+        state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
+        assert np.isfinite(metrics["loss"])
+        assert (
+            int(metrics["nonfinite_streak"]) == 0
+            and int(metrics["nonfinite_total"]) == 1
         )
-    state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
-    assert np.isfinite(metrics["loss"])
-    assert (
-        int(metrics["nonfinite_streak"]) == 0 and int(metrics["nonfinite_total"]) == 1
-    )
-    assert not np.array_equal(
-        jax.device_get(state.params["logit_scale"]), after.params["logit_scale"]
-    )
+        assert not np.array_equal(
+            jax.device_get(state.params["logit_scale"]), after.params["logit_scale"]
+        )
 
 
 def test_an_isolated_nan_batch_is_counted_and_training_goes_on(
@@ -353,7 +355,6 @@ def saved_on_4x2x1(tmp_path_factory):
         make_optimizer(config),
         mesh,
         jax.random.key(1),
-        example_batch(config),
     )
     directory = str(tmp_path_factory.mktemp("saved_on_4x2x1"))
     checkpointer = Checkpointer(directory, async_save=False)
@@ -370,7 +371,7 @@ def test_a_checkpoint_restores_onto_another_mesh(saved_on_4x2x1, target):
     shape, count = target
     other = sharding.make_mesh(shape, jax.devices()[:count])
     abstract, _ = abstract_train_state(
-        build_model(config), make_optimizer(config), other, example_batch(config)
+        build_model(config), make_optimizer(config), other
     )
     checkpointer = Checkpointer(directory)
     restored, data_state = checkpointer.restore(abstract)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxclip.models import CLIP, get_model_config, list_models
-from jaxclip.models.__main__ import parameter_counts
+from jaxclip.models.build import create_model, parameter_counts
 from jaxclip.models.layers import Transformer, quick_gelu
 
 # OpenCLIP's counts (`sum(p.numel() for p in model.parameters())`), logit scale included.
@@ -27,24 +27,27 @@ OPENCLIP_VISUAL = {"RN50": 38_316_896, "ViT-B-32": 87_849_216}
 
 @pytest.mark.parametrize("name", sorted(OPENCLIP_TOTALS))
 def test_parameter_counts_equal_openclip(name):
-    counts = parameter_counts(name)
+    counts = parameter_counts(create_model(name))
     assert counts["total"] == OPENCLIP_TOTALS[name]
     assert counts["total"] == counts["visual"] + counts["text"] + 1
     if name in OPENCLIP_VISUAL:
         assert counts["visual"] == OPENCLIP_VISUAL[name]
     # QuickGELU changes the activation, not the parameters.
-    assert parameter_counts(f"{name}-quickgelu") == counts
+    assert parameter_counts(create_model(f"{name}-quickgelu")) == counts
 
 
 def test_every_registered_model_builds():
     for name in list_models():
-        counts = parameter_counts(name)
+        counts = parameter_counts(create_model(name))
         assert counts["total"] == counts["visual"] + counts["text"] + 1, name
 
 
 def test_siglip_variant_adds_one_bias():
-    plain = parameter_counts("tiny-vit")
-    assert parameter_counts("tiny-vit", logit_bias=True)["total"] == plain["total"] + 1
+    plain = parameter_counts(create_model("tiny-vit"))
+    assert (
+        parameter_counts(create_model("tiny-vit", use_logit_bias=True))["total"]
+        == plain["total"] + 1
+    )
 
 
 def test_unknown_model_name_is_refused():
@@ -66,7 +69,7 @@ def test_openai_hyperparameters():
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_clip_outputs(name):
     config = get_model_config(name)
-    model = CLIP(config, logit_bias=True)
+    model = CLIP(config, use_logit_bias=True)
     size = config.vision.image_size
     images = jax.random.normal(jax.random.key(1), (3, size, size, 3))
     tokens = jnp.zeros((3, config.text.context_length), jnp.int32)

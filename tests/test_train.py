@@ -11,8 +11,9 @@ import pytest
 from jaxclip import sharding
 from jaxclip.config import base_config
 from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train.checkpoint import Checkpointer, abstract_like
-from jaxclip.train.loop import build_model, example_batch, train_and_evaluate
+from jaxclip.train.loop import train_and_evaluate
 from jaxclip.train.state import (
     abstract_train_state,
     create_train_state,
@@ -53,9 +54,7 @@ def run_steps(config, mesh, num_steps: int):
     """Train `num_steps` on the shapes data; returns (final state, per-step metrics)."""
     model = build_model(config)
     tx = make_optimizer(config)
-    state, shardings = create_train_state(
-        model, tx, mesh, jax.random.key(config.seed), example_batch(config)
-    )
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
@@ -64,10 +63,11 @@ def run_steps(config, mesh, num_steps: int):
         config.seed, config.train.batch_size, size, model.config.text.context_length
     )
     history = []
-    for _ in range(num_steps):
-        batch = sharding.shard_batch(next(data), mesh, config.train.accum_steps)
-        state, metrics = step(state, batch)
-        history.append(jax.device_get(metrics))
+    with sharding.use_mesh(mesh):
+        for _ in range(num_steps):
+            batch = sharding.shard_batch(next(data), mesh, config.train.accum_steps)
+            state, metrics = step(state, batch)
+            history.append(jax.device_get(metrics))
     return jax.device_get(state), history
 
 
@@ -137,7 +137,7 @@ def test_params_are_created_sharded():
     mesh = sharding.make_mesh((2, 2, 2))
     model = build_model(config)
     state, _ = create_train_state(
-        model, make_optimizer(config), mesh, jax.random.key(0), example_batch(config)
+        model, make_optimizer(config), mesh, jax.random.key(0)
     )
     attn = state.params["visual"]["transformer"]["resblocks"]["attn"]
     # [layers, embed, 3, heads, head_dim]: embed over fsdp, heads over tensor.
@@ -156,7 +156,6 @@ def test_weight_decay_mask():
             make_optimizer(config),
             sharding.make_mesh((8, 1, 1)),
             jax.random.key(0),
-            example_batch(config),
         )[0]
     )
     flat = dict(jax.tree_util.tree_leaves_with_path(weight_decay_mask(abstract.params)))
@@ -188,9 +187,7 @@ def test_checkpoint_save_restore_is_identical(tmp_path):
     mesh = sharding.make_mesh((4, 2, 1))
     model = build_model(config)
     tx = make_optimizer(config)
-    state, shardings = create_train_state(
-        model, tx, mesh, jax.random.key(3), example_batch(config)
-    )
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(3))
     checkpointer = Checkpointer(str(tmp_path / "ckpt"), keep=2)
     checkpointer.save(0, state, {"source": "shapes", "seed": 0, "index": 5}, {"a": 1})
     checkpointer.wait()
@@ -245,7 +242,7 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
         checkpointer = Checkpointer(str(tmp_path / run / "checkpoints"))
         mesh = sharding.make_mesh(config.mesh.shape)
         abstract, _ = abstract_train_state(
-            build_model(config), make_optimizer(config), mesh, example_batch(config)
+            build_model(config), make_optimizer(config), mesh
         )
         state, data_state = checkpointer.restore(abstract)
         checkpointer.close()

@@ -15,7 +15,7 @@ import sys
 
 from jaxclip.convert.files import load_weights, save_hf, save_openclip
 from jaxclip.convert.tensors import UnsafeFileError
-from jaxclip.train.state import count_params
+from jaxclip.models.build import count_params
 
 WRITERS = {"openclip": save_openclip, "hf": save_hf}
 

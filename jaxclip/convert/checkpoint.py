@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxclip.convert.openclip import abstract_variables
+from jaxclip.models.build import abstract_variables, create_model
 from jaxclip.models.registry import ModelConfig, get_model_config
 
 
@@ -72,7 +72,7 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     except (KeyError, TypeError) as error:
         raise ValueError(f"{step_dir}/config has no model.name") from error
     config = get_model_config(name)
-    abstract = abstract_variables(config, logit_bias)
+    abstract = abstract_variables(create_model(config, use_logit_bias=logit_bias))
     target = {"params": abstract["params"]}
     if abstract.get("batch_stats"):
         target["batch_stats"] = abstract["batch_stats"]

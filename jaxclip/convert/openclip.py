@@ -33,14 +33,11 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from jaxclip.convert.tensors import as_float32
-from jaxclip.models.clip import CLIP
+from jaxclip.models.build import abstract_variables, create_model
 from jaxclip.models.registry import (
     MODELS,
     ModelConfig,
@@ -104,19 +101,6 @@ _TORCH_SHAPE: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
 }
 
 
-def abstract_variables(config: ModelConfig, logit_bias: bool = False) -> dict:
-    """Shapes of a model's variables (jax.eval_shape: nothing is allocated)."""
-    model = CLIP(config, logit_bias=logit_bias)
-    size = config.vision.image_size
-    shapes = jax.eval_shape(
-        model.init,
-        jax.random.key(0),
-        jnp.zeros((1, size, size, 3)),
-        jnp.zeros((1, config.text.context_length), jnp.int32),
-    )
-    return nn.unbox(shapes)
-
-
 def _torch_name(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     """(torch key, with "{i}" for the layer index; conversion kind) of a jaxclip leaf."""
     *parents, leaf = path
@@ -147,7 +131,8 @@ def _torch_name(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str,
 def layout(config: ModelConfig, logit_bias: bool = False) -> tuple[Entry, ...]:
     """Every torch key of this architecture, in jaxclip's order."""
     entries = []
-    for collection, tree in abstract_variables(config, logit_bias).items():
+    model = create_model(config, use_logit_bias=logit_bias)
+    for collection, tree in abstract_variables(model).items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
             stacked = "resblocks" in path
             shape = tuple(leaf.shape[1:] if stacked else leaf.shape)

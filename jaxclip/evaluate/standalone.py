@@ -12,16 +12,13 @@ import os
 def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
     """Run the config's evaluators (or `names`) on the weights at `checkpoint`."""
     import jax
-    import jax.numpy as jnp
 
     from jaxclip import sharding
     from jaxclip.config import ConfigError, validate_evals_config
     from jaxclip.convert.files import load_weights
     from jaxclip.data.tokenizer import TokenizerSpec
     from jaxclip.evaluate.evaluators import make_evaluators, run_all
-    from jaxclip.models.clip import CLIP
-    from jaxclip.train.loop import use_scan
-    from jaxclip.train.step import make_encode_fns
+    from jaxclip.models.build import create_model, make_encoders
 
     validate_evals_config(config)
     unknown = sorted(set(names) - set(config.evals.keys()))
@@ -38,27 +35,29 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
         raise ConfigError(str(e)) from None
 
     weights = load_weights(checkpoint)
-    model = CLIP(
+    model = create_model(
         weights.config,
-        logit_bias=weights.logit_bias,
-        dtype=jnp.dtype(config.model.dtype),
-        scan=use_scan(config.model.scan),
+        use_logit_bias=weights.logit_bias,
+        dtype=config.model.dtype,
+        scan=config.model.scan,
     )
-    # The pixels are normalised as the weights were trained, whatever the config says.
-    config.data.mean, config.data.std = tuple(weights.mean), tuple(weights.std)
-    variables = jax.device_put(weights.variables, sharding.replicated(mesh))
-    evaluators = make_evaluators(
-        evals,
-        make_encode_fns(config, model, mesh),
-        mesh,
-        weights.config.vision.image_size,
-        weights.config.text.context_length,
-        TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
-        config.seed,
-    )
+    with sharding.use_mesh(mesh):
+        variables = jax.device_put(weights.variables, sharding.replicated(mesh))
+        evaluators = make_evaluators(
+            evals,
+            # The pixels are normalised as the weights were trained, whatever the
+            # config says.
+            make_encoders(model, weights.mean, weights.std),
+            mesh,
+            weights.config.vision.image_size,
+            weights.config.text.context_length,
+            TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
+            config.seed,
+        )
+        results = run_all(evaluators, variables)
     return {
         "checkpoint": os.path.abspath(checkpoint),
         "source": weights.source,
         "model": weights.name,
-        "results": run_all(evaluators, variables),
+        "results": results,
     }

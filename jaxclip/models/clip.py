@@ -30,11 +30,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 class CLIP(nn.Module):
     """Two towers plus a learnable log temperature (and, for SigLIP, a bias).
 
-    `logit_bias=True` gives the SigLIP variant: scale initialised to log 10, bias -10.
+    `use_logit_bias=True` gives the SigLIP variant: the scale is initialised to log 10
+    and a learned bias, the `logit_bias` parameter, to -10. Build it with
+    `jaxclip.models.build.create_model`, which also picks `scan` for the platform.
     """
 
     config: ModelConfig
-    logit_bias: bool = False
+    use_logit_bias: bool = False
     dtype: Dtype = jnp.float32
     scan: bool = True
     remat: str = "none"
@@ -79,13 +81,13 @@ class CLIP(nn.Module):
             remat=self.remat,
         )
         init_scale = (
-            SIGLIP_INIT_LOGIT_SCALE if self.logit_bias else CLIP_INIT_LOGIT_SCALE
+            SIGLIP_INIT_LOGIT_SCALE if self.use_logit_bias else CLIP_INIT_LOGIT_SCALE
         )
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(init_scale), ()
         )
-        if self.logit_bias:
-            self.bias = self.param(
+        if self.use_logit_bias:
+            self.logit_bias = self.param(
                 "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
             )
 
@@ -110,6 +112,6 @@ class CLIP(nn.Module):
             "text_emb": self.encode_text(tokens),
             "logit_scale": self.logit_scale,
         }
-        if self.logit_bias:
-            out["logit_bias"] = self.bias
+        if self.use_logit_bias:
+            out["logit_bias"] = self.logit_bias
         return out

@@ -1,8 +1,13 @@
-"""The trainer, top to bottom: config check, mesh, model and optimizer, input pipeline,
-state (restored or fresh), train loop with logging and checkpoints, evaluation."""
+"""The trainer, top to bottom: `train_and_evaluate` checks the config, builds the mesh
+and enters it once, sets up a `Trainer` (model, optimizer, input pipeline, state restored
+or fresh, the compiled step, evaluators), runs the loop, and evaluates at the end.
+
+docs/architecture.md shows where each piece lives and how a batch reaches the loss.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,6 +28,11 @@ from jaxclip.data.pipeline import (
 )
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.evaluate.evaluators import Evaluator, make_evaluators, run_all
+from jaxclip.models.build import (
+    count_params,
+    make_encoders,
+    model_from_config,
+)
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train import mfu
@@ -32,53 +42,13 @@ from jaxclip.train.metrics import MetricWriter
 from jaxclip.train.preemption import PreemptionWatcher
 from jaxclip.train.prefetch import DevicePrefetcher
 from jaxclip.train.state import (
+    TrainState,
     abstract_train_state,
-    count_params,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
 )
-from jaxclip.train.step import example_batch, make_encode_fns, make_train_step
-
-
-def build_model(config: ml_collections.ConfigDict, platform: str | None = None) -> CLIP:
-    """The CLIP model named by `model.name`, with the config's dtype, scan and remat.
-
-    `platform` is where it will run (default: JAX's backend; `jaxclip.aot` says 'tpu').
-    """
-    return CLIP(
-        get_model_config(config.model.name),
-        logit_bias=config.loss.name == "siglip",
-        dtype=jnp.dtype(config.model.dtype),
-        scan=use_scan(config.model.scan, platform),
-        remat=config.model.remat,
-    )
-
-
-def use_scan(requested: bool | None, platform: str | None = None) -> bool:
-    """Whether layer stacks run as a loop; `None` (the default) picks per platform.
-
-    Automatic choice (docs/performance.md): scanned on GPUs and TPUs (deep models
-    compile far faster); unrolled on the CPU, where steps run about 15% faster and even
-    ViT-L-14's unrolled train step compiles in well under a minute (36 s against 22 s).
-
-    And unrolled on multi-device CPU whatever was asked:
-    XLA:CPU can start a collective inside a while loop (the scanned layers) and one
-    outside it in different orders on different devices, which deadlocks a sharded
-    step at random. Unrolling gives the same parameters and numbers, so CPU runs with
-    several devices unroll, and say so.
-    """
-    platform = platform or jax.default_backend()
-    if requested is None:
-        return platform != "cpu"
-    if requested and platform == "cpu" and jax.device_count() > 1:
-        if jax.process_index() == 0:
-            print(
-                f"model.scan=True runs unrolled on {jax.device_count()} CPU devices "
-                "(XLA:CPU can deadlock on collectives inside loops); same parameters"
-            )
-        return False
-    return requested
+from jaxclip.train.step import make_train_step, step_batch_spec
 
 
 def compile_train_step(
@@ -134,169 +104,244 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train (resuming from the workdir's latest checkpoint if any), then evaluate.
 
-    Returns the last logged metrics plus the evaluation results.
+    Returns the last logged metrics, the evaluation results and `preempted`.
     """
-    # --- Config: refuse bad values before anything compiles.
-    validate_config(config, workdir)
+    validate_config(config, workdir)  # refuse bad values before anything compiles
     log = distributed.process_log(config)  # process 0 only, unless asked
     if config.train.compile_cache_dir:
         enable_compilation_cache(config.train.compile_cache_dir)
-
-    # --- Mesh.
     mesh = sharding.make_mesh(config.mesh.shape)
     log(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices"
     )
+    with sharding.use_mesh(mesh):
+        trainer = Trainer.set_up(config, workdir, mesh, log)
+        try:
+            metrics, preempted = trainer.train()
+            results = trainer.results
+            if not preempted:
+                results.update(trainer.evaluate_at_end())
+        finally:
+            trainer.close()
+    summary = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    return {**summary, **results, "preempted": preempted}
 
-    # --- Model and optimizer.
-    model = build_model(config)
-    model_config = model.config
-    tx = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
-    batch_spec = example_batch(config)
 
-    # --- Input pipeline.
-    # Batches reach the devices one step ahead (`train.prefetch`), overlapping the step.
-    train_iter = DevicePrefetcher(
-        make_train_iterator(
-            config, model_config.vision.image_size, model_config.text.context_length
-        ),
-        mesh,
-        config.train.prefetch,
-        config.train.accum_steps,
-    )
+@dataclasses.dataclass
+class Trainer:
+    """Everything one training run holds, set up by `set_up` and released by `close`."""
 
-    # --- State: restored from the latest checkpoint, or freshly initialised.
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
-    )
-    if checkpointer.latest_step() is not None:
-        abstract, state_shardings = abstract_train_state(model, tx, mesh, batch_spec)
-        state, data_state = checkpointer.restore(abstract)
-        train_iter.set_state(data_state)
-        log(f"resumed from step {int(state.step)} in {checkpointer.directory}")
-    else:
-        rng = jax.random.key(config.seed)
-        state, state_shardings = create_train_state(model, tx, mesh, rng, batch_spec)
-    log(f"model {config.model.name}: {count_params(state.params):,} parameters")
+    config: ml_collections.ConfigDict
+    log: Callable[..., None]
+    state: TrainState
+    train_step: Callable  # compiled: (state, batch) -> (state, metrics)
+    train_iter: DevicePrefetcher
+    checkpointer: Checkpointer
+    writer: MetricWriter
+    evaluators: list[Evaluator]
+    best: BestCheckpoint | None
+    preemption: PreemptionWatcher
+    guard: NonFiniteGuard
+    results: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    train_step = make_train_step(config, model, tx, schedule, mesh, state_shardings)
-    config_json = json.loads(config.to_json_best_effort())
-    writer = MetricWriter(workdir, config.train.steps)
-
-    # --- Evaluators (`config.evals`): their data is read once, here.
-    evaluators = make_evaluators(
-        config.evals,
-        make_encode_fns(config, model, mesh),
-        mesh,
-        model_config.vision.image_size,
-        model_config.text.context_length,
-        TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
-        config.seed,
-    )
-    best = None
-    if config.checkpoint.best_metric:
-        best = BestCheckpoint(
-            os.path.join(workdir, "best"),
-            config.checkpoint.best_metric,
-            config.checkpoint.best_mode,
+    @classmethod
+    def set_up(
+        cls,
+        config: ml_collections.ConfigDict,
+        workdir: str,
+        mesh: jax.sharding.Mesh,
+        log: Callable[..., None],
+    ) -> Trainer:
+        """Model, optimizer, input pipeline, state (restored or fresh), the compiled
+        step and the evaluators. Call inside `sharding.use_mesh(mesh)`."""
+        model = model_from_config(config)
+        tx = make_optimizer(config)
+        train_iter = DevicePrefetcher(
+            make_train_iterator(
+                config,
+                model.config.vision.image_size,
+                model.config.text.context_length,
+            ),
+            mesh,
+            config.train.prefetch,
+            config.train.accum_steps,
+        )
+        checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save,
+        )
+        state, state_shardings = restore_or_init(
+            config, model, tx, mesh, checkpointer, train_iter, log
+        )
+        log(f"model {config.model.name}: {count_params(state.params):,} parameters")
+        writer = MetricWriter(workdir, config.train.steps)
+        train_step = make_train_step(
+            config, model, tx, learning_rate_schedule(config), mesh, state_shardings
+        )
+        batch_spec = step_batch_spec(config, mesh)
+        compiled = compile_and_report(
+            config, train_step, state, batch_spec, writer, log
+        )
+        best = None
+        if config.checkpoint.best_metric:
+            best = BestCheckpoint(
+                os.path.join(workdir, "best"),
+                config.checkpoint.best_metric,
+                config.checkpoint.best_mode,
+            )
+        return cls(
+            config=config,
+            log=log,
+            state=state,
+            train_step=compiled,
+            train_iter=train_iter,
+            checkpointer=checkpointer,
+            writer=writer,
+            evaluators=evaluators_for(config, model, mesh),
+            best=best,
+            preemption=PreemptionWatcher(),
+            guard=NonFiniteGuard(config.train.max_nonfinite_steps, log),
         )
 
-    def evaluate(state: Any, due: list[Evaluator]) -> dict[str, float]:
-        """Run `due`, log and write their results, keep the best checkpoint."""
-        if not due:
-            return {}
-        step = int(state.step)
-        variables = {"params": state.params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        results = run_all(due, variables)
-        writer.write(step, results)
-        if best is not None and best.update(step, state, results, config_json):
-            log(
-                f"new best {best.metric} {best.best:.4f} at step {step}: {best.directory}"
-            )
-        return results
-
-    def save(state: Any, force: bool = False) -> None:
-        step = int(state.step)
-        if checkpointer.latest_step() != step:
-            if not bool(all_finite(state.params)):
-                # The step guard keeps params finite; never persist a broken state.
-                raise NonFiniteError(
-                    f"step {step}: the parameters are not finite; not saving them "
-                    f"(the last checkpoint, step {checkpointer.latest_step()}, is kept)"
-                )
-            # Every process's data position, gathered (all processes save together).
-            data_state = checkpoint_state(train_iter.get_state())
-            checkpointer.save(step, state, data_state, config_json, force)
-
-    # --- Train loop. `finally` lets an in-flight async save finish on any exit.
-    preemption = PreemptionWatcher()
-    guard = NonFiniteGuard(config.train.max_nonfinite_steps, log)
-    try:
-        start_step = int(state.step)
+    def train(self) -> tuple[dict[str, Any], bool]:
+        """Run the steps up to `train.steps`, or until preempted; the last state is
+        saved either way. Returns (the last logged metrics, whether preempted)."""
+        config = self.config
+        start_step = int(self.state.step)
         metrics: dict[str, Any] = {}
-        results: dict[str, float] = {}
-        compile_start = time.perf_counter()
-        preempted = False
         for step in range(start_step + 1, config.train.steps + 1):
-            batch = next(train_iter)
-            if step == start_step + 1:
-                train_step = compile_and_report(
-                    config, train_step, state, batch, writer, log
-                )
-            state, step_metrics = train_step(state, batch)
+            self.state, step_metrics = self.train_step(
+                self.state, next(self.train_iter)
+            )
             # The previous step's counters: waiting for them leaves this step queued.
-            guard.check()
-            guard.push(step, step_metrics)
+            self.guard.check()
+            self.guard.push(step, step_metrics)
             if step == start_step + 1:
-                jax.block_until_ready(step_metrics)
-                seconds = time.perf_counter() - compile_start
-                log(f"first step (compile + run) took {seconds:.1f}s")
-                writer.reset_timer(step)
+                self.first_step_done(step, step_metrics)
             if step % config.log.every_steps == 0 or step == config.train.steps:
-                # Skipped bad samples (data/skipped...) join the step's metrics.
-                metrics = {**jax.device_get(step_metrics), **train_iter.metrics()}
-                writer.write(step, metrics, batch_size=config.train.batch_size)
-                if metrics.get("data/skipped"):
-                    log(describe_skipped(metrics))
+                metrics = self.log_metrics(step, step_metrics)
             if (
                 config.checkpoint.every_steps
                 and step % config.checkpoint.every_steps == 0
             ):
-                save(state)
-            due = [evaluator for evaluator in evaluators if evaluator.due(step)]
+                self.save()
+            due = [e for e in self.evaluators if e.due(step)]
             if due:
-                results.update(evaluate(state, due))
-                writer.reset_timer(step)
-            if preemption.should_stop(step):
-                guard.check()
-                save(state, force=True)
-                preempted = True
-                log(
+                self.results.update(self.evaluate(due))
+                self.writer.reset_timer(step)
+            if self.preemption.should_stop(step):
+                self.guard.check()
+                self.save(force=True)
+                self.log(
                     f"preempted (SIGTERM): saved step {step} in "
-                    f"{checkpointer.directory}; run the same command to resume"
+                    f"{self.checkpointer.directory}; run the same command to resume"
                 )
-                break
+                return metrics, True
             if step < config.train.steps:
-                train_iter.fill()  # copy the next batches while this step runs
-        guard.check()
-        save(state, force=True)
+                self.train_iter.fill()  # copy the next batches while this step runs
+        self.guard.check()
+        self.save(force=True)
+        return metrics, False
 
-        # --- Evaluation at the end (each evaluator unless it just ran).
-        if not preempted:
-            last = int(state.step)
-            due = [evaluator for evaluator in evaluators if evaluator.due_at_end(last)]
-            results.update(evaluate(state, due))
-    finally:
-        preemption.close()
-        if best is not None:
-            best.close()
-        writer.close()
-        checkpointer.close()
-        train_iter.close()  # stops the pipeline's worker processes
-    summary = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    return {**summary, **results, "preempted": preempted}
+    def first_step_done(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Time the first step (it warms up the runtime) and start the rate timer."""
+        start = time.perf_counter()
+        jax.block_until_ready(step_metrics)
+        self.log(f"first step done (waited {time.perf_counter() - start:.1f}s for it)")
+        self.writer.reset_timer(step)
+
+    def log_metrics(
+        self, step: int, step_metrics: dict[str, jax.Array]
+    ) -> dict[str, Any]:
+        """Write the step's metrics and the pipeline's skipped-sample counts."""
+        metrics = {**jax.device_get(step_metrics), **self.train_iter.metrics()}
+        self.writer.write(step, metrics, batch_size=self.config.train.batch_size)
+        if metrics.get("data/skipped"):
+            self.log(describe_skipped(metrics))
+        return metrics
+
+    def evaluate(self, due: list[Evaluator]) -> dict[str, float]:
+        """Run `due`, log and write their results, keep the best checkpoint."""
+        if not due:
+            return {}
+        state, step = self.state, int(self.state.step)
+        variables = {"params": state.params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        results = run_all(due, variables)
+        self.writer.write(step, results)
+        config_json = json.loads(self.config.to_json_best_effort())
+        if self.best is not None and self.best.update(
+            step, state, results, config_json
+        ):
+            self.log(
+                f"new best {self.best.metric} {self.best.best:.4f} at step {step}: "
+                f"{self.best.directory}"
+            )
+        return results
+
+    def evaluate_at_end(self) -> dict[str, float]:
+        """Each evaluator at the end of training, unless it has just run."""
+        last = int(self.state.step)
+        return self.evaluate([e for e in self.evaluators if e.due_at_end(last)])
+
+    def save(self, force: bool = False) -> None:
+        """Checkpoint the state and every process's data position (all processes
+        save together); never a state with non-finite parameters."""
+        step = int(self.state.step)
+        if self.checkpointer.latest_step() == step:
+            return
+        if not bool(all_finite(self.state.params)):
+            # The step guard keeps params finite; never persist a broken state.
+            raise NonFiniteError(
+                f"step {step}: the parameters are not finite; not saving them "
+                f"(the last checkpoint, step {self.checkpointer.latest_step()}, is kept)"
+            )
+        data_state = checkpoint_state(self.train_iter.get_state())
+        config_json = json.loads(self.config.to_json_best_effort())
+        self.checkpointer.save(step, self.state, data_state, config_json, force)
+
+    def close(self) -> None:
+        """Let an in-flight async save finish; stop the pipeline's workers."""
+        self.preemption.close()
+        if self.best is not None:
+            self.best.close()
+        self.writer.close()
+        self.checkpointer.close()
+        self.train_iter.close()
+
+
+def restore_or_init(
+    config: ml_collections.ConfigDict,
+    model: CLIP,
+    tx: Any,
+    mesh: jax.sharding.Mesh,
+    checkpointer: Checkpointer,
+    train_iter: DevicePrefetcher,
+    log: Callable[..., None],
+) -> tuple[TrainState, Any]:
+    """The state and its shardings: restored from the latest checkpoint (with the
+    input pipeline's position), or freshly initialised from `config.seed`."""
+    if checkpointer.latest_step() is None:
+        return create_train_state(model, tx, mesh, jax.random.key(config.seed))
+    abstract, state_shardings = abstract_train_state(model, tx, mesh)
+    state, data_state = checkpointer.restore(abstract)
+    train_iter.set_state(data_state)
+    log(f"resumed from step {int(state.step)} in {checkpointer.directory}")
+    return state, state_shardings
+
+
+def evaluators_for(
+    config: ml_collections.ConfigDict, model: CLIP, mesh: jax.sharding.Mesh
+) -> list[Evaluator]:
+    """The config's evaluators (`config.evals`); their data is read here, once."""
+    return make_evaluators(
+        config.evals,
+        make_encoders(model, config.data.mean, config.data.std),
+        mesh,
+        model.config.vision.image_size,
+        model.config.text.context_length,
+        TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
+        config.seed,
+    )

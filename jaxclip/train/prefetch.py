@@ -27,8 +27,7 @@ class DevicePrefetcher:
     (as `[k, B/k, ...]` micro-batches when `accum_steps` = k > 1: see `shard_batch`)."""
 
     def __init__(self, iterator: Any, mesh: Mesh, size: int = 1, accum_steps: int = 1):
-        if size < 1:
-            raise ValueError(f"train.prefetch={size} must be >= 1")
+        # `size` (train.prefetch) and `accum_steps` are checked with the config.
         self.iterator = iterator
         self.mesh = mesh
         self.size = size
@@ -58,14 +57,17 @@ class DevicePrefetcher:
         """The host iterator's state after the last batch handed out."""
         return self._state
 
-    def __getattr__(self, name: str) -> Any:
-        """Anything else (`metrics()`, `close()`, ...) is the host iterator's."""
-        if name == "iterator":  # not set yet (e.g. while unpickling)
-            raise AttributeError(name)
-        return getattr(self.iterator, name)
-
     def set_state(self, state: Any) -> None:
         """Restore the host iterator and drop what was fetched ahead."""
         self.iterator.set_state(state)
         self._queue.clear()
         self._state = state
+
+    def metrics(self) -> dict[str, int]:
+        """The host iterator's counters (skipped samples by reason) for the logs."""
+        return self.iterator.metrics()
+
+    def close(self) -> None:
+        """Drop the batches in flight and stop the host pipeline's workers."""
+        self._queue.clear()
+        self.iterator.close()

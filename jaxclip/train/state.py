@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,8 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from jaxclip import sharding
-from jaxclip.models.clip import MAX_LOGIT_SCALE
+from jaxclip.models.build import example_inputs
+from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
 
 # Only weight matrices decay: not gains, biases, embeddings or the temperature.
 DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
@@ -84,11 +84,10 @@ def clip_logit_scale(params: dict) -> dict:
 
 
 def create_train_state(
-    model: nn.Module,
+    model: CLIP,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rng: jax.Array,
-    example_batch: dict[str, jax.ShapeDtypeStruct],
 ) -> tuple[TrainState, Any]:
     """Initialise params and optimizer state directly sharded; returns (state, shardings).
 
@@ -96,20 +95,19 @@ def create_train_state(
     shardings are known; then `jax.jit(init, out_shardings=...)` creates each array on
     the devices that own it.
     """
-    init_fn = _boxed_init_fn(model, tx, example_batch)
+    init_fn = _boxed_init_fn(model, tx)
     shardings = sharding.logical_to_shardings(jax.eval_shape(init_fn, rng), mesh)
     state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
 def abstract_train_state(
-    model: nn.Module,
+    model: CLIP,
     tx: optax.GradientTransformation,
     mesh: Mesh,
-    example_batch: dict[str, jax.ShapeDtypeStruct],
 ) -> tuple[TrainState, Any]:
     """Shapes, dtypes and shardings of the state, with nothing allocated (for restore)."""
-    init_fn = _boxed_init_fn(model, tx, example_batch)
+    init_fn = _boxed_init_fn(model, tx)
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     shardings = sharding.logical_to_shardings(abstract, mesh)
     abstract = jax.tree.map(
@@ -121,17 +119,13 @@ def abstract_train_state(
 
 
 def _boxed_init_fn(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    example_batch: dict[str, jax.ShapeDtypeStruct],
+    model: CLIP, tx: optax.GradientTransformation
 ) -> Callable[[jax.Array], TrainState]:
     """A function rng -> TrainState whose leaves still carry logical axis metadata."""
 
     def init(rng: jax.Array) -> TrainState:
         # Parameter shapes do not depend on the batch size: initialise on one example.
-        images = jnp.zeros((1, *example_batch["images"].shape[1:]), jnp.float32)
-        tokens = jnp.zeros((1, *example_batch["tokens"].shape[1:]), jnp.int32)
-        variables = model.init(rng, images, tokens, train=False)
+        variables = model.init(rng, *example_inputs(model), train=False)
         params = variables["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -143,8 +137,3 @@ def _boxed_init_fn(
         )
 
     return init
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params)))

@@ -1,4 +1,4 @@
-"""The jitted train step and the embedding (eval) step."""
+"""The jitted train step: gradients in one pass or by GradCache, then the update."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxclip import losses, sharding
 from jaxclip.data.transforms import normalize_images
+from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.state import TrainState, clip_logit_scale
 
@@ -44,7 +45,7 @@ def contrastive_loss(
     )
 
 
-def _full_batch_grads(
+def full_batch_grads(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     variables: dict[str, Any],
@@ -95,7 +96,7 @@ def _split_micro(batch: jax.Array, accum_steps: int) -> jax.Array:
 
 def gradcache_grads(
     config: ml_collections.ConfigDict,
-    model: nn.Module,
+    model: CLIP,
     variables: dict[str, Any],
     images: jax.Array,
     tokens: jax.Array,
@@ -125,16 +126,17 @@ def gradcache_grads(
     outputs' embeddings `[B, d]` in `_merge_micro`'s order.
     """
     params = variables["params"]
-    accum_steps = images.shape[0]
-    unrolled = not getattr(model, "scan", True)
+    start_stats = variables.get("batch_stats", {})
+    micro_batches = (images, tokens)
+    # The micro-batch loop unrolls wherever the model's own layers do (`use_scan`).
+    unrolled = not model.scan
 
     def embed(params, batch_stats, micro_batch):
         micro_images, micro_tokens = micro_batch
-        micro_images = prepare_images(micro_images)
         extra = {"batch_stats": batch_stats} if batch_stats else {}
         out, mutated = model.apply(
             {"params": params, **extra},
-            micro_images,
+            prepare_images(micro_images),
             micro_tokens,
             train=True,
             mutable=["batch_stats"],
@@ -147,23 +149,13 @@ def gradcache_grads(
         embeddings, batch_stats = embed(params, batch_stats, micro_batch)
         return batch_stats, embeddings
 
-    start_stats = variables.get("batch_stats", {})
-    batch_stats, (image_emb, text_emb) = _loop(
-        embed_step, start_stats, (images, tokens), unrolled
-    )
+    batch_stats, embeddings = _loop(embed_step, start_stats, micro_batches, unrolled)
 
     # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
-    def full_loss(image_emb, text_emb, temperature):
-        out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
-        return contrastive_loss(config, out)
-
     temperature = {k: params[k] for k in TEMPERATURE_PARAMS if k in params}
-    image_emb, text_emb = _merge_micro(image_emb), _merge_micro(text_emb)
-    loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
-        full_loss, argnums=(0, 1, 2)
-    )(image_emb, text_emb, temperature)
-    d_image = _split_micro(d_image, accum_steps)
-    d_text = _split_micro(d_text, accum_steps)
+    loss, image_emb, text_emb, cotangents, d_temperature = _full_batch_loss_grads(
+        config, embeddings, temperature, images.shape[0]
+    )
 
     # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
     # passed in only matter for their structure: training-mode BatchNorm normalises
@@ -175,12 +167,32 @@ def gradcache_grads(
         return jax.tree.map(jnp.add, grads, micro_grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = _loop(
-        backward_step, zeros, ((images, tokens), (d_image, d_text)), unrolled
-    )
+    grads, _ = _loop(backward_step, zeros, (micro_batches, cotangents), unrolled)
     grads = {**grads, **d_temperature}  # the towers never touch the temperature
     out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
     return loss, grads, out, batch_stats
+
+
+def _full_batch_loss_grads(
+    config: ml_collections.ConfigDict,
+    micro_embeddings: tuple[jax.Array, jax.Array],
+    temperature: dict[str, jax.Array],
+    accum_steps: int,
+):
+    """GradCache's step 2: the loss over all micro-batches' embeddings `[k, B/k, d]`
+    and its gradients. Returns (loss, image and text embeddings `[B, d]`, their
+    gradients as micro-batches, the temperature's gradient)."""
+
+    def full_loss(image_emb, text_emb, temperature):
+        out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
+        return contrastive_loss(config, out)
+
+    image_emb, text_emb = (_merge_micro(e) for e in micro_embeddings)
+    loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
+        full_loss, argnums=(0, 1, 2)
+    )(image_emb, text_emb, temperature)
+    cotangents = (_split_micro(d_image, accum_steps), _split_micro(d_text, accum_steps))
+    return loss, image_emb, text_emb, cotangents, d_temperature
 
 
 def _loop(step: Callable, carry: Any, xs: Any, unrolled: bool):
@@ -232,7 +244,7 @@ def step_batch_spec(
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    model: nn.Module,
+    model: CLIP,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: Mesh,
@@ -240,11 +252,12 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
 
-    The state is donated: its buffers are reused for the new state.
+    The state is donated: its buffers are reused for the new state. Trace, lower or
+    call it inside `sharding.use_mesh(mesh)` (the model's activation constraints need
+    the mesh and the logical rules); `jaxclip.train.loop.compile_train_step` compiles
+    it once, before the loop.
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
-
-    accum_steps = config.train.accum_steps
 
     def prepare_images(images: jax.Array) -> jax.Array:
         return normalize_images(images, mean, std, model.dtype)
@@ -253,13 +266,13 @@ def make_train_step(
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        if accum_steps == 1:
+        if config.train.accum_steps == 1:
             images = prepare_images(batch["images"])
-            loss, grads, out, batch_stats = _full_batch_grads(
+            grads_and_out = full_batch_grads(
                 config, model, variables, images, batch["tokens"]
             )
         else:
-            loss, grads, out, batch_stats = gradcache_grads(
+            grads_and_out = gradcache_grads(
                 config,
                 model,
                 variables,
@@ -267,102 +280,74 @@ def make_train_step(
                 batch["tokens"],
                 prepare_images,
             )
-        grad_norm = optax.tree.norm(grads)
-        # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
-        # params, optimizer moments and BatchNorm statistics stay as they were, and
-        # the counters let the loop stop after `train.max_nonfinite_steps` in a row.
-        # A branch, not a select over the new and old state: selecting would read the
-        # parameters and optimizer moments twice more every step.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = jax.lax.cond(
-            finite,
-            lambda: tx.update(grads, state.opt_state, state.params),
-            lambda: (jax.tree.map(jnp.zeros_like, state.params), state.opt_state),
-        )
-        # x + 0 == x: a skipped step leaves the parameters bit for bit.
-        params = clip_logit_scale(optax.apply_updates(state.params, updates))
-        batch_stats = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
-        )
-        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-        total = state.nonfinite_total + (~finite).astype(jnp.int32)
-        i2t, t2i = losses.contrastive_accuracy(
-            out["image_emb"],
-            out["text_emb"],
-            impl=config.loss.impl,
-            chunk_size=config.loss.chunk_size,
-        )
-        metrics = {
-            "loss": loss,
-            "i2t_acc": i2t,
-            "t2i_acc": t2i,
-            "logit_scale": jnp.exp(out["logit_scale"]),
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step),
-            "nonfinite_streak": streak,
-            "nonfinite_total": total,
-        }
-        if "logit_bias" in out:
-            metrics["logit_bias"] = out["logit_bias"]
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            batch_stats=batch_stats,
-            nonfinite_streak=streak,
-            nonfinite_total=total,
-        )
-        return new_state, metrics
+        return apply_gradients(config, tx, schedule, state, *grads_and_out)
 
     batch_shardings = {
         name: spec.sharding for name, spec in step_batch_spec(config, mesh).items()
     }
-    jitted = jax.jit(
+    return jax.jit(
         train_step,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
 
-    return in_mesh(jitted, mesh)
 
-
-def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """Call `fn` with the mesh and logical rules in context.
-
-    Tracing needs both for the activation constraints inside the model.
-    """
-
-    def wrapped(*args, **kwargs):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            return fn(*args, **kwargs)
-
-    def staged(stage: str) -> Callable:
-        def run(*args, **kwargs):
-            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-                return getattr(fn, stage)(*args, **kwargs)
-
-        return run
-
-    # `fn.lower(...)` for ahead-of-time compilation, `fn.trace(...)` for its jaxpr.
-    wrapped.lower = staged("lower")
-    wrapped.trace = staged("trace")
-    return wrapped
-
-
-def make_encode_fns(
-    config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh
-) -> tuple[Callable, Callable]:
-    """Jitted `encode_images(variables, images_uint8)` and `encode_texts(variables, tokens)`."""
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
-
-    @jax.jit
-    def encode_images(variables, images):
-        images = normalize_images(images, mean, std, model.dtype)
-        return model.apply(variables, images, method=model.encode_image)
-
-    @jax.jit
-    def encode_texts(variables, tokens):
-        return model.apply(variables, tokens, method=model.encode_text)
-
-    return in_mesh(encode_images, mesh), in_mesh(encode_texts, mesh)
+def apply_gradients(
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state: TrainState,
+    loss: jax.Array,
+    grads: Any,
+    out: dict[str, jax.Array],
+    batch_stats: Any,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer update (skipped when the loss or gradient is not finite) and
+    the step's metrics."""
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
+    # params, optimizer moments and BatchNorm statistics stay as they were, and
+    # the counters let the loop stop after `train.max_nonfinite_steps` in a row.
+    # A branch, not a select over the new and old state: selecting would read the
+    # parameters and optimizer moments twice more every step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = jax.lax.cond(
+        finite,
+        lambda: tx.update(grads, state.opt_state, state.params),
+        lambda: (jax.tree.map(jnp.zeros_like, state.params), state.opt_state),
+    )
+    # x + 0 == x: a skipped step leaves the parameters bit for bit.
+    params = clip_logit_scale(optax.apply_updates(state.params, updates))
+    batch_stats = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
+    )
+    streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+    total = state.nonfinite_total + (~finite).astype(jnp.int32)
+    i2t, t2i = losses.contrastive_accuracy(
+        out["image_emb"],
+        out["text_emb"],
+        impl=config.loss.impl,
+        chunk_size=config.loss.chunk_size,
+    )
+    metrics = {
+        "loss": loss,
+        "i2t_acc": i2t,
+        "t2i_acc": t2i,
+        "logit_scale": jnp.exp(out["logit_scale"]),
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        "nonfinite_streak": streak,
+        "nonfinite_total": total,
+    }
+    if "logit_bias" in out:
+        metrics["logit_bias"] = out["logit_bias"]
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+        nonfinite_streak=streak,
+        nonfinite_total=total,
+    )
+    return new_state, metrics

@@ -1,0 +1,168 @@
+"""The one place a CLIP model and its jitted functions are built.
+
+Every entry point goes through here: the trainer and `jaxclip.aot` (`model_from_config`),
+standalone evaluation, inference, the converters and `python -m jaxclip.models`
+(`create_model`). So the architecture, the scan choice and the encoders are the same
+wherever a model runs.
+
+    model = create_model("ViT-B-32", dtype="bfloat16")
+    variables = init_variables(model, jax.random.key(0))
+    encoders = make_encoders(model, mean, std)
+    embeddings = encoders.images(variables, uint8_images)   # float32, unit norm
+
+Nothing here enters a mesh: the caller that owns the mesh (the trainer, the evaluation
+command) enters it once, around everything it runs (`sharding.use_mesh`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxclip.data.transforms import normalize_images
+from jaxclip.models.clip import CLIP
+from jaxclip.models.registry import ModelConfig, get_model_config
+
+
+def use_scan(requested: bool | None, platform: str | None = None) -> bool:
+    """Whether layer stacks run as a loop; `None` (the default) picks per platform.
+
+    Automatic choice: scanned on GPUs and TPUs, where deep models compile far faster;
+    unrolled on the CPU, where steps run faster and even large models compile quickly
+    (docs/performance.md has the measurements).
+
+    And unrolled on multi-device CPU whatever was asked: XLA:CPU can start a collective
+    inside a while loop (the scanned layers) and one outside it in different orders on
+    different devices, which deadlocks a sharded step at random. Unrolling gives the
+    same parameters and numbers, so CPU runs with several devices unroll, and say so.
+    """
+    platform = platform or jax.default_backend()
+    if requested is None:
+        return platform != "cpu"
+    if requested and platform == "cpu" and jax.device_count() > 1:
+        if jax.process_index() == 0:
+            print(
+                f"model.scan=True runs unrolled on {jax.device_count()} CPU devices "
+                "(XLA:CPU can deadlock on collectives inside loops); same parameters"
+            )
+        return False
+    return requested
+
+
+def create_model(
+    arch: str | ModelConfig,
+    *,
+    use_logit_bias: bool = False,
+    dtype: Any = jnp.float32,
+    scan: bool | None = None,
+    remat: str = "none",
+    platform: str | None = None,
+) -> CLIP:
+    """The CLIP module for a registered name or a `ModelConfig`.
+
+    `use_logit_bias` adds SigLIP's learned logit bias; `scan=None` picks per
+    platform (`use_scan`); `platform` is where it will run (default: JAX's backend;
+    `jaxclip.aot` says 'tpu').
+    """
+    config = get_model_config(arch) if isinstance(arch, str) else arch
+    return CLIP(
+        config,
+        use_logit_bias=use_logit_bias,
+        dtype=jnp.dtype(dtype),
+        scan=use_scan(scan, platform),
+        remat=remat,
+    )
+
+
+def model_from_config(
+    config: ml_collections.ConfigDict, platform: str | None = None
+) -> CLIP:
+    """The model a training config describes: `model.*`, plus a logit bias for
+    `loss.name='siglip'`."""
+    return create_model(
+        config.model.name,
+        use_logit_bias=config.loss.name == "siglip",
+        dtype=config.model.dtype,
+        scan=config.model.scan,
+        remat=config.model.remat,
+        platform=platform,
+    )
+
+
+def example_inputs(model: CLIP, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Zero images `[n, S, S, 3]` and tokens `[n, L]` of the model's input shapes."""
+    size = model.config.vision.image_size
+    length = model.config.text.context_length
+    return (
+        jnp.zeros((batch_size, size, size, 3), jnp.float32),
+        jnp.zeros((batch_size, length), jnp.int32),
+    )
+
+
+def init_variables(model: CLIP, rng: jax.Array) -> dict:
+    """Fresh variables (`params`, and `batch_stats` for ResNets), unboxed."""
+    return nn.meta.unbox(jax.jit(model.init)(rng, *example_inputs(model)))
+
+
+def abstract_variables(model: CLIP) -> dict:
+    """The variables' shapes and dtypes (`jax.eval_shape`: nothing is allocated)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model))
+    return nn.meta.unbox(shapes)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a (possibly abstract or boxed) parameter tree."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+def parameter_counts(model: CLIP) -> dict[str, int]:
+    """{visual, text, total} parameter counts; `total` includes the logit scale (and
+    bias), as OpenCLIP counts it."""
+    params = abstract_variables(model)["params"]
+    return {
+        "visual": count_params(params["visual"]),
+        "text": count_params(params["text"]),
+        "total": count_params(params),
+    }
+
+
+class Encoders(NamedTuple):
+    """Jitted encoders, float32 embeddings `[n, embed_dim]`, unit norm unless
+    `normalize=False`:
+
+    - `images(variables, images_uint8, normalize=True)`: uint8 `[n, S, S, 3]`,
+      normalised on the device with the model's pixel mean and std;
+    - `texts(variables, tokens, normalize=True)`: int32 `[n, L]`.
+    """
+
+    images: Callable[..., jax.Array]
+    texts: Callable[..., jax.Array]
+
+
+def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> Encoders:
+    """The model's two encoders, jitted (see `Encoders`)."""
+    mean, std = tuple(mean), tuple(std)
+
+    @functools.partial(jax.jit, static_argnames="normalize")
+    def encode_images(variables, images, normalize=True):
+        images = normalize_images(images, mean, std, model.dtype)
+        embeddings = model.apply(
+            variables, images, normalize=normalize, method=model.encode_image
+        )
+        return embeddings.astype(jnp.float32)
+
+    @functools.partial(jax.jit, static_argnames="normalize")
+    def encode_texts(variables, tokens, normalize=True):
+        embeddings = model.apply(
+            variables, tokens, normalize=normalize, method=model.encode_text
+        )
+        return embeddings.astype(jnp.float32)
+
+    return Encoders(encode_images, encode_texts)
