@@ -224,6 +224,22 @@ def _unchunk(chunked: jax.Array, count: int) -> jax.Array:
     return chunked.reshape(-1, *chunked.shape[2:])[:count]
 
 
+def _tile_backward(grads, d_logits, chunk_rows, block, ok, index, scale):
+    """Back through a chunk's logits `scale * _tile(chunk_rows, block) (+ bias)`.
+
+    `grads` is `(d_block [b, d], d_chunks [num_chunks, chunk, d])`; the chunk's row
+    gradient is added to `d_chunks[index]` in place (as scan outputs instead, XLA kept
+    one `[b, d]` buffer per ring step alive), the block's to `d_block`. `ok` masks
+    the chunk's padded rows. Returns the new `grads` and `d_logits` with the padded
+    rows zeroed.
+    """
+    d_block, d_chunks = grads
+    d_logits = jnp.where(ok[:, None], d_logits, 0.0)
+    d_rows = scale * matmul32(d_logits, block)
+    d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=PRECISION)
+    return (d_block, d_chunks.at[index].add(d_rows)), d_logits
+
+
 def _siglip_labels(row_ids: jax.Array, width: int, step) -> jax.Array:
     """SigLIP labels of a tile: +1 for matched pairs (only at step 0, the home block),
     -1 elsewhere. `row_ids` are the local indices of the tile's rows."""
@@ -312,21 +328,17 @@ def _clip_ring_backward(chunk_size, residuals, grad):
         chunks, valid = _row_chunks(image, chunk_size)
         lse_chunks, _ = _row_chunks(row_lse, chunk_size)
 
-        def tile_grads(block, block_lse, carry, xs):
-            # The image-row gradient is a carry updated in place, one chunk at a time:
-            # as scan outputs, XLA kept one [b, d] buffer per ring step alive.
-            d_block, d_chunks = carry
+        def tile_grads(block, block_lse, grads, xs):
             chunk_rows, ok, chunk_lse, index = xs
             logits = scale * _tile(chunk_rows, block)
             d_logits = weight * (
                 jnp.exp(logits - chunk_lse[:, None])
                 + jnp.exp(logits - block_lse[None, :])
             )
-            d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-            d_rows = scale * matmul32(d_logits, block)
-            d_block += scale * jnp.matmul(d_logits.T, chunk_rows, precision=PRECISION)
-            d_chunks = d_chunks.at[index].add(d_rows)
-            return (d_block, d_chunks), jnp.sum(d_logits * logits)
+            grads, d_logits = _tile_backward(
+                grads, d_logits, chunk_rows, block, ok, index, scale
+            )
+            return grads, jnp.sum(d_logits * logits)
 
         def step(_, carry, block, riders):
             d_chunks, d_log_scale = carry
@@ -346,7 +358,7 @@ def _clip_ring_backward(chunk_size, residuals, grad):
         riders = (col_lse, jnp.zeros_like(text, jnp.float32))
         # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
         # and gradient back into the loop's carry each step, three [b, d] buffers
-        # more (v5p: 37 against 22 bytes per element of [b, d]; docs/tpu.md).
+        # more (docs/tpu.md).
         (d_chunks, d_log_scale), (_, d_block) = ring.run(
             step, carry, text, riders, wait_for=grad, unroll=2
         )
@@ -421,21 +433,18 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
         row_ids, _ = _row_chunks(jnp.arange(local), chunk_size)
 
         def step(ring_step, carry, block, d_block):
-            def tile_grads(inner, xs):
-                d_block, d_chunks = inner  # updated in place (see the CLIP loss)
+            def tile_grads(grads, xs):
                 chunk_rows, ok, ids, index = xs
                 similarity = _tile(chunk_rows, block)
                 logits = scale * similarity + bias32
                 labels = _siglip_labels(ids, block.shape[0], ring_step)
                 # d/dlogits of -log_sigmoid(labels * logits) / B, times the cotangent.
                 d_logits = -(grad / batch) * labels * jax.nn.sigmoid(-labels * logits)
-                d_logits = jnp.where(ok[:, None], d_logits, 0.0)
-                d_rows = scale * matmul32(d_logits, block)
-                d_block += scale * jnp.matmul(
-                    d_logits.T, chunk_rows, precision=PRECISION
+                grads, d_logits = _tile_backward(
+                    grads, d_logits, chunk_rows, block, ok, index, scale
                 )
                 sums = (scale * jnp.sum(d_logits * similarity), jnp.sum(d_logits))
-                return (d_block, d_chunks.at[index].add(d_rows)), sums
+                return grads, sums
 
             d_chunks, d_log_scale, d_bias = carry
             (d_block, d_chunks), (d_scale_parts, d_bias_parts) = jax.lax.scan(

@@ -18,6 +18,7 @@ from sklearn.metrics import recall_score
 from sklearn.model_selection import train_test_split
 
 from jaxclip.evaluate import linear_probe as lp
+from jaxclip.evaluate import zeroshot
 from jaxclip.sharding import batch_sharding, make_mesh
 
 NUM_CLASSES = 4
@@ -218,7 +219,7 @@ def test_split_and_metrics():
 
     rng = np.random.default_rng(0)
     truth, predictions = rng.integers(0, 6, 200), rng.integers(0, 6, 200)
-    assert lp.mean_per_class_recall(predictions, truth) == pytest.approx(
+    assert zeroshot.mean_per_class_recall(predictions, truth) == pytest.approx(
         recall_score(truth, predictions, average="macro")
     )
     assert lp.sklearn_equivalent_c(0.5, 8) == 0.25

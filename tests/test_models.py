@@ -181,3 +181,15 @@ def test_text_pools_at_end_of_text():
     changed_before = tokens.copy()
     changed_before[1, 2] = 2368
     assert np.abs(np.asarray(encode(changed_before)[1] - base[1])).max() > 1e-3
+
+
+def test_hand_built_stack_refuses_unknown_names():
+    """A Transformer built without a config names the bad remat policy or activation
+    and the ones it knows."""
+    x = jnp.ones((1, 4, 16))
+    with pytest.raises(ValueError, match=r"unknown remat policy 'sometimes'.*'dots'"):
+        jax.eval_shape(
+            Transformer(16, 1, 2, remat="sometimes").init, jax.random.key(0), x
+        )
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'.*'quick_gelu'"):
+        jax.eval_shape(Transformer(16, 1, 2, act="swish").init, jax.random.key(0), x)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -143,31 +143,24 @@ def _read_any(path: str) -> dict[str, np.ndarray]:
 
 def _load_file(path: str, name: str | ModelConfig | None) -> Weights:
     tensors = _read_any(path)
-    directory = os.path.dirname(os.path.abspath(path))
     if hf.is_hf_state_dict(tensors):
-        return _from_hf(tensors, directory, path, name)
-    return _from_openclip(tensors, directory, path, name)
+        return _from_hf(tensors, path, name)
+    return _from_openclip(tensors, path, name)
 
 
 def _from_openclip(
-    tensors: Mapping[str, np.ndarray],
-    directory: str,
-    path: str,
-    name: str | ModelConfig | None,
+    tensors: Mapping[str, np.ndarray], path: str, name: str | ModelConfig | None
 ) -> Weights:
     openai = any(key in tensors for key in openclip.OPENAI_MARKER_KEYS)
     what = f"{'OpenAI' if openai else 'OpenCLIP'} state dict {path}"
-    settings_path = os.path.join(directory, OPENCLIP_CONFIG)
+    settings_path = os.path.join(_directory_of(path), OPENCLIP_CONFIG)
     settings = _read_json(settings_path) if os.path.isfile(settings_path) else {}
     preprocess = settings.get("preprocess_cfg", {})
+    described = None
     if "model_cfg" in settings:
-        inferred = openclip.config_from_openclip(settings["model_cfg"])
-        quick_gelu, heads_known = inferred.quick_gelu, True
-    else:
-        inferred = openclip.infer_config(tensors, what)
-        quick_gelu, heads_known = (True if openai else None), False
-    config, registered = openclip.resolve_config(
-        inferred, name, quick_gelu=quick_gelu, heads_known=heads_known, what=what
+        described = openclip.config_from_openclip(settings["model_cfg"])
+    config, registered = _architecture(
+        name, what, described, lambda: openclip.infer_config(tensors, what), openai
     )
     logit_bias = "logit_bias" in tensors
     arch = registered or "the inferred architecture"
@@ -187,21 +180,16 @@ def _from_openclip(
 
 
 def _from_hf(
-    tensors: Mapping[str, np.ndarray],
-    directory: str,
-    path: str,
-    name: str | ModelConfig | None,
+    tensors: Mapping[str, np.ndarray], path: str, name: str | ModelConfig | None
 ) -> Weights:
     what = f"Hugging Face CLIPModel state dict {path}"
+    directory = _directory_of(path)
     config_path = os.path.join(directory, HF_CONFIG)
+    described = None
     if os.path.isfile(config_path):
-        inferred = hf.config_from_hf(_read_json(config_path))
-        quick_gelu, heads_known = inferred.quick_gelu, True
-    else:
-        inferred = _infer_hf(tensors, what)
-        quick_gelu, heads_known = None, False
-    config, registered = openclip.resolve_config(
-        inferred, name, quick_gelu=quick_gelu, heads_known=heads_known, what=what
+        described = hf.config_from_hf(_read_json(config_path))
+    config, registered = _architecture(
+        name, what, described, lambda: _infer_hf(tensors, what), openai=False
     )
     arch = registered or "the architecture in config.json"
     state_dict = hf.hf_to_openclip(tensors, config, f"{what} does not match {arch}")
@@ -213,6 +201,31 @@ def _from_hf(
         mean=mean_std[0],
         std=mean_std[1],
         source=what,
+    )
+
+
+def _directory_of(path: str) -> str:
+    """The directory of a weights file, where a config file beside it would be."""
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _architecture(
+    name: str | ModelConfig | None,
+    what: str,
+    described: ModelConfig | None,
+    infer: Callable[[], ModelConfig],
+    openai: bool,
+) -> tuple[ModelConfig, str | None]:
+    """The architecture to load into and its registered name (or None), from `name`,
+    else the config beside the weights (`described`), else the weights' shapes
+    (`infer()`: the heads then come from a registered architecture of those shapes,
+    and the activation is known only for OpenAI's own state dicts)."""
+    if described is not None:
+        inferred, quick_gelu, heads_known = described, described.quick_gelu, True
+    else:
+        inferred, quick_gelu, heads_known = infer(), (True if openai else None), False
+    return openclip.resolve_config(
+        inferred, name, quick_gelu=quick_gelu, heads_known=heads_known, what=what
     )
 
 

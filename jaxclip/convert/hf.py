@@ -31,49 +31,37 @@ _BLOCK = [
     (r"attn\.out_proj\.(weight|bias)", "self_attn.out_proj.{0}", "copy"),
     (r"attn\.in_proj_(weight|bias)", "self_attn.{{}}_proj.{0}", "qkv"),
 ]
+# What both towers hold, under each tower's prefix (OpenCLIP's, HF's).
+_TOWER = [
+    (r"positional_embedding", "embeddings.position_embedding.weight", "copy"),
+    *[
+        (r"transformer\.resblocks\.(\d+)\." + pattern, "encoder.layers.{i}." + hf, kind)
+        for pattern, hf, kind in _BLOCK
+    ],
+]
+_TOWER_PREFIXES = [("", "text_model."), (r"visual\.", "vision_model.")]
 _RULES = [
     (r"logit_scale", "logit_scale", "copy"),
+    (r"text_projection", "text_projection.weight", "transpose"),
+    (r"visual\.proj", "visual_projection.weight", "transpose"),
     (
         r"token_embedding\.weight",
         "text_model.embeddings.token_embedding.weight",
         "copy",
     ),
-    (
-        r"positional_embedding",
-        "text_model.embeddings.position_embedding.weight",
-        "copy",
-    ),
     (r"ln_final\.(weight|bias)", "text_model.final_layer_norm.{0}", "copy"),
-    (r"text_projection", "text_projection.weight", "transpose"),
     (r"visual\.class_embedding", "vision_model.embeddings.class_embedding", "copy"),
     (
         r"visual\.conv1\.weight",
         "vision_model.embeddings.patch_embedding.weight",
         "copy",
     ),
-    (
-        r"visual\.positional_embedding",
-        "vision_model.embeddings.position_embedding.weight",
-        "copy",
-    ),
     (r"visual\.ln_pre\.(weight|bias)", "vision_model.pre_layrnorm.{0}", "copy"),
     (r"visual\.ln_post\.(weight|bias)", "vision_model.post_layernorm.{0}", "copy"),
-    (r"visual\.proj", "visual_projection.weight", "transpose"),
     *[
-        (
-            rf"transformer\.resblocks\.(\d+)\.{pattern}",
-            f"text_model.encoder.layers.{{i}}.{hf}",
-            kind,
-        )
-        for pattern, hf, kind in _BLOCK
-    ],
-    *[
-        (
-            rf"visual\.transformer\.resblocks\.(\d+)\.{pattern}",
-            f"vision_model.encoder.layers.{{i}}.{hf}",
-            kind,
-        )
-        for pattern, hf, kind in _BLOCK
+        (prefix + pattern, hf_prefix + hf, kind)
+        for prefix, hf_prefix in _TOWER_PREFIXES
+        for pattern, hf, kind in _TOWER
     ],
 ]
 _COMPILED = [(re.compile(pattern), hf, kind) for pattern, hf, kind in _RULES]

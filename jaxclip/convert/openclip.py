@@ -1,6 +1,6 @@
 """OpenAI CLIP / OpenCLIP state dicts <-> jaxclip variables.
 
-jaxclip's modules mirror OpenCLIP's names (DESIGN.md §2.2), so the mapping is
+jaxclip's modules mirror OpenCLIP's names (docs/convert.md), so the mapping is
 mechanical. One jaxclip leaf is one torch key, except in layer stacks, whose leading
 `layers` axis holds `transformer.resblocks.{i}` for every i. The leaf layouts differ:
 

@@ -48,39 +48,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             f"reading {path} needs torch; install it, or convert the file to "
             ".safetensors, which loads without torch"
         ) from error
-    recipe = (
-        "If you trust the file, turn it into safetensors once in PyTorch:\n"
-        "    import torch, safetensors.torch\n"
-        "    sd = {k: v.contiguous() for k, v in STATE_DICT.items()}\n"
-        "    safetensors.torch.save_file(sd, 'model.safetensors')\n"
-    )
-    try:
-        with warnings.catch_warnings():
-            # torch warns that it would hand a TorchScript archive to torch.jit.load;
-            # with weights_only=True it raises instead (handled below).
-            warnings.filterwarnings("ignore", message=".*TorchScript archive")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error) else ""
-        raise UnsafeFileError(
-            f"{path} needs Python's pickle to load (it holds objects other than "
-            f"tensors, containers and numbers), and jaxclip reads torch files with "
-            f"torch.load(weights_only=True) only. torch said: {first_line}\n"
-            + recipe.replace("STATE_DICT", "torch.load(PATH, weights_only=False)")
-        ) from error
-    except RuntimeError as error:
-        if "TorchScript" not in str(error):
-            raise
-        raise UnsafeFileError(
-            f"{path} is a TorchScript archive (the format of OpenAI's original "
-            "CLIP releases). torch.load(weights_only=True) cannot read it and "
-            "jaxclip does not run torch.jit.load on files it is given.\n"
-            + recipe.replace(
-                "STATE_DICT", "torch.jit.load(PATH, map_location='cpu').state_dict()"
-            )
-            + "or load OpenCLIP's safetensors copy of the OpenAI weights "
-            "(e.g. hf-hub:timm/vit_base_patch32_clip_224.openai)."
-        ) from error
+    checkpoint = _load_weights_only(torch, path)
     # Training checkpoints wrap the weights: {"state_dict": {...}, "epoch": ...}.
     if isinstance(checkpoint, Mapping) and isinstance(
         checkpoint.get("state_dict"), Mapping
@@ -102,6 +70,46 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     if tensors and all(key.startswith("module.") for key in tensors):
         tensors = {key[len("module.") :]: value for key, value in tensors.items()}
     return tensors
+
+
+_RECIPE = (
+    "If you trust the file, turn it into safetensors once in PyTorch:\n"
+    "    import torch, safetensors.torch\n"
+    "    sd = {k: v.contiguous() for k, v in STATE_DICT.items()}\n"
+    "    safetensors.torch.save_file(sd, 'model.safetensors')\n"
+)
+
+
+def _load_weights_only(torch, path: str):
+    """`torch.load(path, weights_only=True)`; a file that needs pickle or is a
+    TorchScript archive raises UnsafeFileError with the way to convert it."""
+    try:
+        with warnings.catch_warnings():
+            # torch warns that it would hand a TorchScript archive to torch.jit.load;
+            # with weights_only=True it raises instead (handled below).
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        raise UnsafeFileError(
+            f"{path} needs Python's pickle to load (it holds objects other than "
+            f"tensors, containers and numbers), and jaxclip reads torch files with "
+            f"torch.load(weights_only=True) only. torch said: {first_line}\n"
+            + _RECIPE.replace("STATE_DICT", "torch.load(PATH, weights_only=False)")
+        ) from error
+    except RuntimeError as error:
+        if "TorchScript" not in str(error):
+            raise
+        raise UnsafeFileError(
+            f"{path} is a TorchScript archive (the format of OpenAI's original "
+            "CLIP releases). torch.load(weights_only=True) cannot read it and "
+            "jaxclip does not run torch.jit.load on files it is given.\n"
+            + _RECIPE.replace(
+                "STATE_DICT", "torch.jit.load(PATH, map_location='cpu').state_dict()"
+            )
+            + "or load OpenCLIP's safetensors copy of the OpenAI weights "
+            "(e.g. hf-hub:timm/vit_base_patch32_clip_224.openai)."
+        ) from error
 
 
 def write_safetensors(

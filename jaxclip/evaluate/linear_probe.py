@@ -32,6 +32,7 @@ import optax
 import optax.tree_utils as otu
 from jax.sharding import Mesh
 
+from jaxclip.evaluate.zeroshot import mean_per_class_recall
 from jaxclip.sharding import batch_sharding, batch_shards
 
 # The paper's starting sweep: 1e-6, 1e-4, ..., 1e6 (two decades apart).
@@ -97,6 +98,24 @@ def _check_solver_args(num_classes: int, max_iter: int, tol: float) -> None:
         raise ValueError(f"max_iter={max_iter} must be at least 1")
     if not tol > 0:
         raise ValueError(f"tol={tol} must be positive")
+
+
+_Split = tuple[np.ndarray, np.ndarray]  # (features [rows, dim], labels [rows])
+
+
+def _checked(
+    name: str, features, labels, num_classes: int, train: _Split | None = None
+) -> _Split:
+    """The split `name` as NumPy arrays, once it passes the checks and, given the
+    train split, has train's feature dim."""
+    features, labels = np.asarray(features), np.asarray(labels)
+    _check_split(name, features, labels, num_classes)
+    if train is not None and features.shape[1] != train[0].shape[1]:
+        raise ValueError(
+            f"{name}_features have dim {features.shape[1]} but train_features "
+            f"have {train[0].shape[1]}"
+        )
+    return features, labels
 
 
 # --------------------------------------------------------------------------- solver
@@ -190,21 +209,10 @@ def solve_logistic_regression(
     features = features if isinstance(features, jax.Array) else np.asarray(features)
     labels = labels if isinstance(labels, jax.Array) else np.asarray(labels)
     _check_split("train", features, labels, num_classes)
-    if sample_weight is None:
-        sample_weight = jnp.ones(labels.shape, jnp.float32)
-    elif (
-        np.shape(sample_weight) != labels.shape
-        or not bool(jnp.all(sample_weight >= 0))
-        or not float(jnp.sum(sample_weight)) > 0
-    ):
-        raise ValueError(
-            f"sample_weight must be [{labels.shape[0]}], non-negative, with a positive "
-            f"sum; got shape {np.shape(sample_weight)}"
-        )
     weights, bias, iterations, grad_norm = _solve(
         features,
         labels.astype(jnp.int32),
-        sample_weight,
+        _row_weights(sample_weight, labels.shape),
         # Fixed dtypes, so an int l2 (say 1) does not trigger a second compile.
         np.float32(l2),
         np.float32(tol),
@@ -223,6 +231,23 @@ def solve_logistic_regression(
             stacklevel=2,
         )
     return LogisticRegressionFit(weights, bias, iterations, grad_norm)
+
+
+def _row_weights(sample_weight, shape: tuple[int]) -> jax.Array | np.ndarray:
+    """`sample_weight`, once it is one non-negative weight a row with a positive sum;
+    ones without it."""
+    if sample_weight is None:
+        return jnp.ones(shape, jnp.float32)
+    if (
+        np.shape(sample_weight) != shape
+        or not bool(jnp.all(sample_weight >= 0))
+        or not float(jnp.sum(sample_weight)) > 0
+    ):
+        raise ValueError(
+            f"sample_weight must be [{shape[0]}], non-negative, with a positive "
+            f"sum; got shape {np.shape(sample_weight)}"
+        )
+    return sample_weight
 
 
 def fit_logistic_regression(
@@ -290,6 +315,14 @@ class _Rows(NamedTuple):
         """[rows] predicted class ids, padding dropped."""
         predictions = predict(self.features, fit.weights, fit.bias)
         return predictions[: len(self.host_labels)]
+
+
+def _train_then_val(train: _Split, val: _Split) -> tuple[np.ndarray, ...]:
+    """(features, labels, train_rows, val_rows): train's rows, then val's, in one."""
+    num_train = len(train[1])
+    features = np.concatenate([train[0], val[0]])
+    labels = np.concatenate([train[1], val[1]])
+    return features, labels, np.arange(num_train), np.arange(num_train, len(labels))
 
 
 def _put(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
@@ -366,34 +399,22 @@ def choose_l2(
     regularisation). With a mesh, rows are split over its batch axes.
     """
     _check_solver_args(num_classes, max_iter, tol)
-    train_features, train_labels = np.asarray(train_features), np.asarray(train_labels)
-    val_features, val_labels = np.asarray(val_features), np.asarray(val_labels)
-    _check_split("train", train_features, train_labels, num_classes)
-    _check_split("val", val_features, val_labels, num_classes)
-    _check_same_dim(train_features, val=val_features)
-    rows = _place(
-        np.concatenate([train_features, val_features]),
-        np.concatenate([train_labels, val_labels]),
-        mesh,
-    )
-    num_train = len(train_labels)
-    train_rows = np.arange(num_train)
-    val_rows = np.arange(num_train, num_train + len(val_labels))
+    train = _checked("train", train_features, train_labels, num_classes)
+    val = _checked("val", val_features, val_labels, num_classes, train)
+    features, labels, train_rows, val_rows = _train_then_val(train, val)
     return _search(
-        rows, train_rows, val_rows, num_classes, grid, refine_steps, max_iter, tol
+        _place(features, labels, mesh),
+        train_rows,
+        val_rows,
+        num_classes,
+        grid,
+        refine_steps,
+        max_iter,
+        tol,
     )
 
 
 # --------------------------------------------------------------------------- protocol
-def _check_same_dim(train_features: np.ndarray, **others: np.ndarray) -> None:
-    for name, features in others.items():
-        if features.shape[1] != train_features.shape[1]:
-            raise ValueError(
-                f"{name}_features have dim {features.shape[1]} but train_features "
-                f"have {train_features.shape[1]}"
-            )
-
-
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -417,14 +438,6 @@ def stratified_split(
             "validation split; pass more rows, a larger fraction or an explicit split"
         )
     return np.setdiff1d(np.arange(len(labels)), val_rows), val_rows
-
-
-def mean_per_class_recall(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Mean over the classes present in `labels` of the fraction predicted right."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    return float(
-        np.mean([np.mean(predictions[labels == c] == c) for c in np.unique(labels)])
-    )
 
 
 def linear_probe(
@@ -453,24 +466,18 @@ def linear_probe(
     l2, and the final fit's L-BFGS iterations and gradient norm.
     """
     _check_solver_args(num_classes, max_iter, tol)
-    train_features, train_labels = np.asarray(train_features), np.asarray(train_labels)
-    test_features, test_labels = np.asarray(test_features), np.asarray(test_labels)
-    _check_split("train", train_features, train_labels, num_classes)
-    _check_split("test", test_features, test_labels, num_classes)
-    _check_same_dim(train_features, test=test_features)
+    train = _checked("train", train_features, train_labels, num_classes)
+    test_features, test_labels = _checked(
+        "test", test_features, test_labels, num_classes, train
+    )
     if (val_features is None) != (val_labels is None):
         raise ValueError("pass both val_features and val_labels, or neither")
     if val_features is None:
-        features, labels = train_features, train_labels
-        train_rows, val_rows = stratified_split(train_labels, val_fraction, seed)
+        features, labels = train
+        train_rows, val_rows = stratified_split(labels, val_fraction, seed)
     else:
-        val_features, val_labels = np.asarray(val_features), np.asarray(val_labels)
-        _check_split("val", val_features, val_labels, num_classes)
-        _check_same_dim(train_features, val=val_features)
-        features = np.concatenate([train_features, val_features])
-        labels = np.concatenate([train_labels, val_labels])
-        train_rows = np.arange(len(train_labels))
-        val_rows = np.arange(len(train_labels), len(labels))
+        val = _checked("val", val_features, val_labels, num_classes, train)
+        features, labels, train_rows, val_rows = _train_then_val(train, val)
 
     rows = _place(features, labels, mesh)
     best_l2, val_accuracies = _search(

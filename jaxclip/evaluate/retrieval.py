@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,40 +78,50 @@ def retrieval_metrics(
     text_to_image = _check_text_to_image(text_to_image, num_images)
     ks = _check_options(ks, block_size)
     mesh = _resolve_mesh(mesh)
-    shards = batch_shards(mesh)
-    # One padding serves both roles: a multiple of R for queries, of R * chunks for keys.
-    image_chunks = _key_chunks(num_images, shards, block_size)
-    image_rows = _padded_rows(num_images, shards, image_chunks)
-    text_chunks = _key_chunks(num_texts, shards, block_size)
-    text_rows = _padded_rows(num_texts, shards, text_chunks)
-    image = _prepare(image_emb, "image_emb", mesh, normalize, image_rows)
-    text = _prepare(text_emb, "text_emb", mesh, normalize, text_rows)
-    # Padded rows belong to group -1, which no key and no query matches.
-    image_groups = _pad(np.arange(num_images, dtype=np.int32), image_rows, -1)
-    text_groups = _pad(text_to_image, text_rows, -1)
+    layout = partial(_layout, mesh=mesh, normalize=normalize, block_size=block_size)
+    images = layout(image_emb, "image_emb", np.arange(num_images, dtype=np.int32))
+    texts = layout(text_emb, "text_emb", text_to_image)
     ring = Ring.of(mesh)
-    image_ranks = _ranks(
-        image,
-        text,
-        image_groups,
-        text_groups,
-        mesh=mesh,
-        ring=ring,
-        num_chunks=text_chunks,
-    )
-    text_ranks = _ranks(
-        text,
-        image,
-        text_groups,
-        image_groups,
-        mesh=mesh,
-        ring=ring,
-        num_chunks=image_chunks,
-    )
+    image_ranks = _ranks_against(images, texts, mesh, ring)
+    text_ranks = _ranks_against(texts, images, mesh, ring)
     return {
         **_summary("image_to_text", np.asarray(image_ranks)[:num_images], ks),
         **_summary("text_to_image", np.asarray(text_ranks)[:num_texts], ks),
     }
+
+
+class _Side(NamedTuple):
+    """One side of the retrieval (images or captions), laid out for `_ranks`."""
+
+    embeddings: jax.Array  # [rows, dim] float32, padded, split over the batch axes
+    groups: np.ndarray  # [rows] int32: the image each row is or describes; -1 padding
+    chunks: int  # how many chunks each device's share splits into when used as keys
+
+
+def _layout(
+    embeddings, name: str, groups: np.ndarray, *, mesh, normalize, block_size
+) -> _Side:
+    """`embeddings` and their `groups` padded and sharded, once their values pass."""
+    shards = batch_shards(mesh)
+    # One padding serves both roles: a multiple of R for queries, of R * chunks for keys.
+    chunks = _key_chunks(len(groups), shards, block_size)
+    rows = _padded_rows(len(groups), shards, chunks)
+    padded = _prepare(embeddings, name, mesh, normalize, rows)
+    # Padded rows belong to group -1, which no key and no query matches.
+    return _Side(padded, _pad(groups, rows, -1), chunks)
+
+
+def _ranks_against(queries: _Side, keys: _Side, mesh: Mesh, ring: Ring) -> jax.Array:
+    """0-based ranks of `queries` among `keys` (see `_ranks`), padding included."""
+    return _ranks(
+        queries.embeddings,
+        keys.embeddings,
+        queries.groups,
+        keys.groups,
+        mesh=mesh,
+        ring=ring,
+        num_chunks=keys.chunks,
+    )
 
 
 # --- Input checks ----------------------------------------------------------------------
@@ -267,97 +278,116 @@ def _ranks(
     A key matches a query iff their groups are equal; keys of group -1 are padding and
     never count. `queries` `[Nq, d]` and `keys` `[Nk, d]` are float32, padded so each
     of the R batch shards holds `Nq / R` queries and `num_chunks` equal chunks of keys.
-
-    Under shard_map the queries stay put and key blocks go round the ring twice:
-    pass 1 finds each query's best matching key (highest score, then lowest index),
-    pass 2 counts the non-matching keys ahead of it. Per device that is one
-    travelling key block and `[Nq / R, Nk / (R * num_chunks)]` scores at a time.
     `ring` is `Ring.of(mesh)`, taken outside the jit so that its loop-or-unrolled
     choice (jaxclip/ring.py) is part of the compiled function's key.
     """
     rows, entries = _row_spec(mesh, None), _row_spec(mesh)
-
-    def body(queries, query_group, keys, key_group):
-        local_keys = keys.shape[0]
-
-        def chunked(block, step):
-            # The block that left ring position source(step) holds its own key rows.
-            keys, group = block
-            first = ring.source(step) * local_keys
-            ids = first + jnp.arange(local_keys, dtype=jnp.int32)
-            return (
-                keys.reshape(num_chunks, -1, keys.shape[1]),
-                group.reshape(num_chunks, -1),
-                ids.reshape(num_chunks, -1),
-            )
-
-        def scores_and_matches(xs):
-            block, group, ids = xs
-            # Pass 2 compares its scores with the best one pass 1 found, so both must
-            # compute them bit for bit alike. The barrier keeps the dot a plain dot in
-            # both, whatever each pass would fuse into it (a GPU compiler could pick a
-            # different kernel, with another summation order, for each).
-            scores = jax.lax.optimization_barrier(matmul32(queries, block.T))
-            real = group[None, :] >= 0
-            matches = real & (group[None, :] == query_group[:, None])
-            return scores, real, matches, ids
-
-        def best_match(best, xs):
-            scores, _, matches, ids = scores_and_matches(xs)
-            masked = jnp.where(matches, scores, -jnp.inf)
-            value = masked.max(axis=1)
-            at_value = matches & (masked == value[:, None])
-            index = jnp.where(at_value, ids[None, :], _NO_INDEX).min(axis=1)
-            wins = better(value, index, *best)
-            best_value, best_index = best
-            return (
-                jnp.where(wins, value, best_value),
-                jnp.where(wins, index, best_index),
-            ), None
-
-        def count_ahead(best, ahead, xs):
-            scores, real, matches, ids = scores_and_matches(xs)
-            best_value, best_index = best[0][:, None], best[1][:, None]
-            # Matching keys are never ahead of the best match, by its definition;
-            # leaving them out keeps that true whatever the rounding.
-            before = (scores > best_value) | (
-                (scores == best_value) & (ids[None, :] < best_index)
-            )
-            hits = before & real & ~matches
-            return ahead + jnp.sum(hits, axis=1, dtype=jnp.int32), None
-
-        def over_chunks(chunk_fn):
-            """A ring step: `chunk_fn` over the chunks of the block held now."""
-
-            def step(step, carry, block, riders):
-                carry, _ = jax.lax.scan(chunk_fn, carry, chunked(block, step))
-                return carry, riders
-
-            return step
-
-        # Built from the local rows, so that shard_map types them as per-device values.
-        none_yet = (
-            jnp.full_like(query_group, -jnp.inf, dtype=jnp.float32),
-            jnp.full_like(query_group, _NO_INDEX),
-        )
-        block = (keys, key_group)
-        best, _ = ring.run(over_chunks(best_match), none_yet, block)
-        # Pass 2's sends wait for pass 1, so XLA cannot merge them with pass 1's (same
-        # operands) and keep those blocks alive across the pass.
-        ahead, _ = ring.run(
-            over_chunks(partial(count_ahead, best)),
-            jnp.zeros_like(query_group),
-            block,
-            wait_for=best[1],
-        )
-        return ahead
-
     fn = jax.shard_map(
-        body, mesh=mesh, in_specs=(rows, entries, rows, entries), out_specs=entries
+        partial(_local_ranks, ring=ring, num_chunks=num_chunks),
+        mesh=mesh,
+        in_specs=(rows, entries, rows, entries),
+        out_specs=entries,
     )
     ranks = fn(queries, query_group, keys, key_group)
     # Replicated, so that every process can read them: 4 bytes a query.
     return jax.lax.with_sharding_constraint(ranks, NamedSharding(mesh, P()))
+
+
+def _local_ranks(queries, query_group, keys, key_group, *, ring: Ring, num_chunks: int):
+    """One device's ranks (inside shard_map): its queries stay put, key blocks go round
+    the ring twice.
+
+    Pass 1 finds each query's best matching key (highest score, then lowest index),
+    pass 2 counts the non-matching keys ahead of it. Per device that is one travelling
+    key block and `[Nq / R, Nk / (R * num_chunks)]` scores at a time.
+    """
+    # Built from the local rows, so that shard_map types them as per-device values.
+    none_yet = (
+        jnp.full_like(query_group, -jnp.inf, dtype=jnp.float32),
+        jnp.full_like(query_group, _NO_INDEX),
+    )
+    block = (keys, key_group)
+    best_match = partial(_best_match, queries, query_group)
+    best, _ = ring.run(_over_chunks(best_match, ring, num_chunks), none_yet, block)
+    # Pass 2's sends wait for pass 1, so XLA cannot merge them with pass 1's (same
+    # operands) and keep those blocks alive across the pass.
+    count_ahead = partial(_count_ahead, queries, query_group, best)
+    ahead, _ = ring.run(
+        _over_chunks(count_ahead, ring, num_chunks),
+        jnp.zeros_like(query_group),
+        block,
+        wait_for=best[1],
+    )
+    return ahead
+
+
+def _over_chunks(chunk_fn, ring: Ring, num_chunks: int):
+    """A ring step: `chunk_fn(carry, chunk)` scanned over the chunks of the block held
+    now, the block itself riding on unchanged."""
+
+    def step(step, carry, block, riders):
+        carry, _ = jax.lax.scan(
+            chunk_fn, carry, _chunked(block, step, ring, num_chunks)
+        )
+        return carry, riders
+
+    return step
+
+
+def _chunked(block, step, ring: Ring, num_chunks: int):
+    """The held key block as `num_chunks` chunks of (keys, groups, global key ids)."""
+    keys, group = block
+    local_keys = keys.shape[0]
+    # The block that left ring position source(step) holds its own key rows.
+    first = ring.source(step) * local_keys
+    ids = first + jnp.arange(local_keys, dtype=jnp.int32)
+    return (
+        keys.reshape(num_chunks, -1, keys.shape[1]),
+        group.reshape(num_chunks, -1),
+        ids.reshape(num_chunks, -1),
+    )
+
+
+def _scores_and_matches(queries, query_group, chunk):
+    """Scores `[q, c]` of the local queries against a chunk, which keys are real (not
+    padding), which match each query's group, and the chunk's key ids."""
+    keys, group, ids = chunk
+    # Pass 2 compares its scores with the best one pass 1 found, so both must compute
+    # them bit for bit alike. The barrier keeps the dot a plain dot in both, whatever
+    # each pass would fuse into it (a GPU compiler could pick a different kernel, with
+    # another summation order, for each).
+    scores = jax.lax.optimization_barrier(matmul32(queries, keys.T))
+    real = group[None, :] >= 0
+    matches = real & (group[None, :] == query_group[:, None])
+    return scores, real, matches, ids
+
+
+def _best_match(queries, query_group, best, chunk):
+    """Pass 1 over one chunk: the best (score, key id) of a matching key so far."""
+    scores, _, matches, ids = _scores_and_matches(queries, query_group, chunk)
+    masked = jnp.where(matches, scores, -jnp.inf)
+    value = masked.max(axis=1)
+    at_value = matches & (masked == value[:, None])
+    index = jnp.where(at_value, ids[None, :], _NO_INDEX).min(axis=1)
+    wins = better(value, index, *best)
+    best_value, best_index = best
+    return (
+        jnp.where(wins, value, best_value),
+        jnp.where(wins, index, best_index),
+    ), None
+
+
+def _count_ahead(queries, query_group, best, ahead, chunk):
+    """Pass 2 over one chunk: add the non-matching keys placed ahead of the best match."""
+    scores, real, matches, ids = _scores_and_matches(queries, query_group, chunk)
+    best_value, best_index = best[0][:, None], best[1][:, None]
+    # Matching keys are never ahead of the best match, by its definition; leaving them
+    # out keeps that true whatever the rounding.
+    before = (scores > best_value) | (
+        (scores == best_value) & (ids[None, :] < best_index)
+    )
+    hits = before & real & ~matches
+    return ahead + jnp.sum(hits, axis=1, dtype=jnp.int32), None
 
 
 def _summary(

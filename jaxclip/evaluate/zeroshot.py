@@ -63,7 +63,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     metrics = topk_accuracy(logits, labels, (1, 5))
     # The same tie rule as topk_accuracy: the lower class index first.
     predicted = np.argsort(-logits, axis=-1, kind="stable")[:, 0]
-    present = np.unique(labels)
-    recalls = [np.mean(predicted[labels == c] == c) for c in present]
-    metrics["mean_per_class_recall"] = float(np.mean(recalls))
+    metrics["mean_per_class_recall"] = mean_per_class_recall(predicted, labels)
     return metrics
+
+
+def mean_per_class_recall(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in `labels` of the fraction predicted right."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    return float(
+        np.mean([np.mean(predictions[labels == c] == c) for c in np.unique(labels)])
+    )

@@ -1,14 +1,15 @@
 """Building blocks shared by the towers: norms, attention, MLP, residual blocks, stacks.
 
 Parameter names and shapes follow OpenCLIP's `transformer.py` so that weights convert
-mechanically (see DESIGN.md §2.2). Every parameter carries logical axis names; the
-rules in `jaxclip/sharding.py` map them onto the device mesh.
+mechanically (docs/convert.md, "The mapping"). Every parameter carries logical axis
+names; the rules in `jaxclip/sharding.py` map them onto the device mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -83,14 +84,23 @@ _SQRT_HALF = 0.5**0.5
 _INV_SQRT_2PI = (2 * 3.141592653589793) ** -0.5
 
 
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Look up an activation by config name."""
-    table = {"gelu": gelu, "quick_gelu": quick_gelu, "relu": jax.nn.relu}
+def _lookup(table: Mapping[str, Any], kind: str, name: str) -> Any:
+    """`table[name]`, or a ValueError that lists the names `table` knows."""
     if name not in table:
-        raise ValueError(
-            f"unknown activation {name!r}; expected one of {sorted(table)}"
-        )
+        raise ValueError(f"unknown {kind} {name!r}; expected one of {sorted(table)}")
     return table[name]
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation named `name` (a key of `ACTIVATIONS`)."""
+    return _lookup(ACTIVATIONS, "activation", name)
 
 
 def layer_norm(x: jax.Array, name: str, dtype: Dtype = jnp.float32) -> jax.Array:
@@ -161,6 +171,13 @@ def _layer_norm_bwd(residuals, grad: jax.Array):
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def head_width(width: int, num_heads: int) -> int:
+    """The width of one attention head, once `width` splits evenly into `num_heads`."""
+    if width % num_heads:
+        raise ValueError(f"width {width} is not divisible by heads {num_heads}")
+    return width // num_heads
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with a fused q/k/v projection, like torch's nn.MultiheadAttention.
 
@@ -177,11 +194,7 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(
-                f"width {width} is not divisible by heads {self.num_heads}"
-            )
-        head_dim = width // self.num_heads
+        head_dim = head_width(width, self.num_heads)
         attn_std = self.attn_std or width**-0.5
         proj_std = self.proj_std or width**-0.5
         in_proj_kernel = self.param(
@@ -280,8 +293,8 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Merging the leading axes first makes the weight gradient `x^T @ grad` a matmul
     over one contracted axis. XLA:CPU runs it several times slower with two or three
-    contracted axes, and transposes the gradient for it (`bench/conv.py`: RN50's
-    64->256 1x1 weight gradient 44.2 ms as a dot over the channels, 11.8 ms merged).
+    contracted axes, and transposes the gradient for it (`bench/conv.py` measures the
+    two forms on RN50's 1x1 convolutions).
     """
     out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
     return out.reshape(*x.shape[:-1], kernel.shape[-1])
@@ -322,7 +335,7 @@ class Dense(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP `c_fc -> act -> c_proj`, hidden width 4x."""
+    """Two-layer MLP `c_fc -> act -> c_proj`, hidden width `mlp_ratio` x the input's."""
 
     mlp_ratio: float = 4.0
     act: str = "gelu"
@@ -379,7 +392,9 @@ class ResidualAttentionBlock(nn.Module):
         return x, None  # (carry, per-layer output) as nn.scan expects
 
 
-# Named rematerialisation policies, selectable by config (`model.remat`).
+# Named rematerialisation policies. The config's `model.remat` is checked against
+# these keys before anything compiles; `remat_policy` refuses an unknown name for a
+# module built by hand.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -388,7 +403,46 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-class Transformer(nn.Module):
+def remat_policy(name: str) -> Any:
+    """The `jax.checkpoint` policy named `name` (a key of `REMAT_POLICIES`)."""
+    return _lookup(REMAT_POLICIES, "remat policy", name)
+
+
+class StackOptions(nn.Module):
+    """How a stack of residual blocks computes, as keyword-only fields.
+
+    `Transformer` and the towers that build one share these fields, so a tower passes
+    them on unchanged (`tower_transformer`) and their defaults are written once.
+    """
+
+    _: dataclasses.KW_ONLY
+    act: str = "gelu"
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    scan: bool = True  # False: unroll the layer loop (faster steps on the CPU)
+    remat: str = "none"  # a key of REMAT_POLICIES
+
+
+def tower_transformer(tower: StackOptions, causal: bool) -> Transformer:
+    """The block stack of a tower, named `transformer` as in OpenCLIP: the tower's
+    `width`, `num_layers`, `num_heads` and its `StackOptions`. Call it inside the
+    tower's compact method."""
+    options = {
+        field.name: getattr(tower, field.name)
+        for field in dataclasses.fields(StackOptions)
+        if field.name not in ("parent", "name")
+    }
+    return Transformer(
+        tower.width,
+        tower.num_layers,
+        tower.num_heads,
+        causal=causal,
+        **options,
+        name="transformer",
+    )
+
+
+class Transformer(StackOptions):
     """A stack of residual blocks with one parameter layout: stacked on a `layers` axis.
 
     `scan=True` runs a `lax.scan` loop (fast compiles for deep models); `scan=False`
@@ -400,23 +454,13 @@ class Transformer(nn.Module):
     num_layers: int
     num_heads: int
     causal: bool = False
-    act: str = "gelu"
-    mlp_ratio: float = 4.0
-    dtype: Dtype = jnp.float32
-    scan: bool = True
-    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}"
-            )
         block = ResidualAttentionBlock
+        policy = remat_policy(self.remat)
         if self.remat != "none":
-            block = nn.remat(
-                block, policy=REMAT_POLICIES[self.remat], prevent_cse=False
-            )
+            block = nn.remat(block, policy=policy, prevent_cse=False)
         stack = nn.scan(
             block,
             variable_axes={"params": 0},

@@ -5,7 +5,7 @@ aliased strides (an average pool before the strided path instead of a strided co
 and an attention pool instead of global average pooling.
 
 The module tree mirrors OpenCLIP's `modified_resnet.py` name for name, so a torch key
-maps to a Flax path by splitting on "." (DESIGN.md §2.2):
+maps to a Flax path by splitting on "." (docs/convert.md, "The mapping"):
 
     conv1 bn1 conv2 bn2 conv3 bn3                    the stem
     layer{1..4}/{block}/conv1 bn1 conv2 bn2 conv3 bn3   Bottlenecks, block = "0", "1", ...
@@ -26,15 +26,12 @@ n / (n - 1) with n = batch * height * width), and its `momentum` is torch's 1 - 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxclip.models.layers import constrain, logical, matmul
-
-Dtype = Any
+from jaxclip.models.layers import Dtype, constrain, head_width, logical, matmul
 
 EXPANSION = 4  # Bottleneck output channels = planes * 4
 BN_EPS = 1e-5  # torch BatchNorm2d default
@@ -197,11 +194,7 @@ class AttentionPool2d(nn.Module):
                 f"({self.spatial_size}x{self.spatial_size}); are the images "
                 f"image_size={self.spatial_size * 32} pixels?"
             )
-        if channels % self.num_heads:
-            raise ValueError(
-                f"width {channels} is not divisible by heads {self.num_heads}"
-            )
-        head_dim = channels // self.num_heads
+        head_dim = head_width(channels, self.num_heads)
         std = channels**-0.5  # OpenCLIP's init_parameters for q/k/v/c_proj
 
         # Row-major flattening, the same token order as torch's NCHW reshape.

@@ -6,14 +6,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxclip.models.layers import Dtype, Transformer, constrain, layer_norm, logical
+from jaxclip.models.layers import (
+    StackOptions,
+    constrain,
+    layer_norm,
+    logical,
+    tower_transformer,
+)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(StackOptions):
     """Token + position embedding -> causal blocks -> ln_final -> EOT pooling -> proj.
 
     The pooled token is the end-of-text token, found as the argmax of the token ids
-    (EOT has the largest id in the CLIP vocabulary), as in OpenAI CLIP.
+    (EOT has the largest id in the CLIP vocabulary), as in OpenAI CLIP. `act`,
+    `mlp_ratio`, `dtype`, `scan` and `remat` are keyword-only (`StackOptions`).
     """
 
     vocab_size: int
@@ -22,11 +29,6 @@ class TextTransformer(nn.Module):
     num_layers: int
     num_heads: int
     output_dim: int
-    act: str = "gelu"
-    mlp_ratio: float = 4.0
-    dtype: Dtype = jnp.float32
-    scan: bool = True
-    remat: str = "none"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -50,18 +52,7 @@ class TextTransformer(nn.Module):
         )
         x = token_embedding(tokens) + positional_embedding.astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        x = Transformer(
-            self.width,
-            self.num_layers,
-            self.num_heads,
-            causal=True,
-            act=self.act,
-            mlp_ratio=self.mlp_ratio,
-            dtype=self.dtype,
-            scan=self.scan,
-            remat=self.remat,
-            name="transformer",
-        )(x)
+        x = tower_transformer(self, causal=True)(x)
         x = layer_norm(x, "ln_final", self.dtype)
         eot = jnp.argmax(tokens, axis=-1)  # [batch]
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]

@@ -6,13 +6,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxclip.models.layers import Dtype, Transformer, constrain, layer_norm, logical
+from jaxclip.models.layers import (
+    StackOptions,
+    constrain,
+    layer_norm,
+    logical,
+    tower_transformer,
+)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(StackOptions):
     """Patch embedding (no bias) + class token + positions -> ln_pre -> blocks -> ln_post.
 
     The class token's final state goes through `ln_post` and a bias-free projection.
+    `act`, `mlp_ratio`, `dtype`, `scan` and `remat` are keyword-only (`StackOptions`).
     """
 
     image_size: int
@@ -21,11 +28,6 @@ class VisionTransformer(nn.Module):
     num_layers: int
     num_heads: int
     output_dim: int
-    act: str = "gelu"
-    mlp_ratio: float = 4.0
-    dtype: Dtype = jnp.float32
-    scan: bool = True
-    remat: str = "none"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -36,6 +38,19 @@ class VisionTransformer(nn.Module):
                 f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
                 f"{self.image_size}x{self.image_size}"
             )
+        tokens = self.patch_tokens(images)
+        tokens = layer_norm(tokens, "ln_pre", self.dtype)
+        tokens = tower_transformer(self, causal=False)(tokens)
+        pooled = layer_norm(tokens[:, 0], "ln_post", self.dtype)  # [batch, width]
+        proj = self.param(
+            "proj",
+            logical(nn.initializers.normal(self.width**-0.5), ("embed", "proj")),
+            (self.width, self.output_dim),
+        )
+        return pooled @ proj.astype(self.dtype)
+
+    def patch_tokens(self, images: jax.Array) -> jax.Array:
+        """Images -> class token and patches with positions, [batch, 1 + grid², width]."""
         scale = self.width**-0.5
         patches = nn.Conv(
             self.width,
@@ -66,24 +81,4 @@ class VisionTransformer(nn.Module):
             (tokens.shape[1], self.width),
         )
         tokens = tokens + positional_embedding.astype(self.dtype)
-        tokens = constrain(tokens, ("batch", "length", "embed"))
-        tokens = layer_norm(tokens, "ln_pre", self.dtype)
-        tokens = Transformer(
-            self.width,
-            self.num_layers,
-            self.num_heads,
-            causal=False,
-            act=self.act,
-            mlp_ratio=self.mlp_ratio,
-            dtype=self.dtype,
-            scan=self.scan,
-            remat=self.remat,
-            name="transformer",
-        )(tokens)
-        pooled = layer_norm(tokens[:, 0], "ln_post", self.dtype)  # [batch, width]
-        proj = self.param(
-            "proj",
-            logical(nn.initializers.normal(scale), ("embed", "proj")),
-            (self.width, self.output_dim),
-        )
-        return pooled @ proj.astype(self.dtype)
+        return constrain(tokens, ("batch", "length", "embed"))
