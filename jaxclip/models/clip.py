@@ -44,6 +44,9 @@ class CLIP(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         vision, text = cfg.vision, cfg.text
+        # What both transformer towers share (`layers.StackOptions`), apart from the
+        # MLP ratio, which is per tower.
+        stack = dict(act=cfg.act, dtype=self.dtype, scan=self.scan, remat=self.remat)
         if vision.is_resnet:
             self.visual = ModifiedResNet(
                 layers=tuple(vision.layers),
@@ -61,11 +64,8 @@ class CLIP(nn.Module):
                 num_layers=vision.layers,
                 num_heads=vision.heads,
                 output_dim=cfg.embed_dim,
-                act=cfg.act,
                 mlp_ratio=vision.mlp_ratio,
-                dtype=self.dtype,
-                scan=self.scan,
-                remat=self.remat,
+                **stack,
             )
         self.text = TextTransformer(
             vocab_size=text.vocab_size,
@@ -74,11 +74,8 @@ class CLIP(nn.Module):
             num_layers=text.layers,
             num_heads=text.heads,
             output_dim=cfg.embed_dim,
-            act=cfg.act,
             mlp_ratio=text.mlp_ratio,
-            dtype=self.dtype,
-            scan=self.scan,
-            remat=self.remat,
+            **stack,
         )
         init_scale = (
             SIGLIP_INIT_LOGIT_SCALE if self.use_logit_bias else CLIP_INIT_LOGIT_SCALE
