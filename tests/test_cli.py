@@ -105,6 +105,10 @@ def _config(**fields):
         ({"model__remat": "sometimes"}, "model.remat='sometimes'"),
         ({"train__steps": 0}, "train.steps=0 must be a positive integer"),
         ({"optim__lr": -1.0}, "optim.lr=-1.0 must be > 0"),
+        ({"optim__lr": float("nan")}, "optim.lr=nan must be > 0"),
+        ({"optim__b2": 1.0}, r"optim.b2=1.0 must be in \[0, 1\)"),
+        ({"optim__weight_decay": -0.1}, "optim.weight_decay=-0.1 must be >= 0"),
+        ({"data__mean": (0.5, 0.5)}, r"data.mean=\(0.5, 0.5\) must be 3 numbers"),
         ({"data__source": "webdataset"}, "data.source='webdataset'"),
     ],
 )

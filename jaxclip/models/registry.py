@@ -109,6 +109,10 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
+# Compute dtypes a model can run in (`model.dtype`); parameters stay float32.
+DTYPES = ("float32", "bfloat16")
+
+
 def list_models() -> list[str]:
     """Registered architecture names, sorted."""
     return sorted(MODELS)
