@@ -30,5 +30,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.keep = 2
     config.log.every_steps = 25
     # Zero-shot shape x colour classification of 1,000 held-out images, at the end.
-    config.evals.zeroshot = evaluators.config("zeroshot", "shapes", num_examples=1000)
+    config.evals.zeroshot = evaluators.spec("zeroshot", "shapes", num_examples=1000)
     return config

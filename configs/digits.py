@@ -38,10 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Zero-shot on the held-out scans every 200 steps (and so at the end), keeping the
     # best step; the linear probe once, at the end.
-    config.evals.digits = evaluators.config(
+    config.evals.digits = evaluators.spec(
         "zeroshot", "digits", split="test", every_steps=200
     )
-    config.evals.digits_probe = evaluators.config(
+    config.evals.digits_probe = evaluators.spec(
         "linear_probe", "digits", split="test", train_split="train"
     )
     config.checkpoint.best_metric = "digits/top1"

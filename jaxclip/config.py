@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50
     # Evaluators by name, run during and after training: each entry comes from
-    # jaxclip.evaluate.evaluators.config(kind, dataset, ...), e.g. the demo's
+    # jaxclip.evaluate.evaluators.spec(kind, dataset, ...), e.g. the demo's
     # config.evals.zeroshot; results are named "<name>/<metric>".
     config.evals = ml_collections.ConfigDict()
     config.distributed = _distributed_fields()
@@ -335,10 +335,7 @@ def validate_evals_config(config: ml_collections.ConfigDict) -> None:
     # (and `jaxclip.distributed`, before JAX starts) does not need.
     from jaxclip.evaluate import evaluators
 
-    try:
-        evaluators.validate(config.evals)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    evaluators.validate(config.evals)
     check_fields(config, EVALS_RULES)
     best = config.checkpoint.best_metric
     if best and best.split("/")[0] not in config.evals:
