@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+import types
 
 import jax
 import ml_collections
@@ -167,27 +168,6 @@ def _distributed_fields() -> ml_collections.ConfigDict:
     distributed.initialization_timeout = 300  # seconds to wait for all
     distributed.log_all_processes = False  # progress lines from every process
     return distributed
-
-
-def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
-    """The CLIP paper's large-scale setup: batch 32,768, AdamW (0.9, 0.98), eps 1e-6,
-    weight decay 0.2, 2,000 warm-up steps then cosine decay."""
-    config = base_config()
-    config.model.name = model_name
-    config.model.dtype = "bfloat16"
-    config.data.source = "webdataset"
-    config.data.path = "/data/laion400m/{00000..41407}.tar"
-    config.train.batch_size = 32768
-    config.train.steps = 32 * 12_500  # 32 epochs of 400M samples at 32k
-    config.optim.lr = 5e-4
-    config.optim.warmup_steps = 2000
-    config.optim.weight_decay = 0.2
-    config.mesh.shape = (1, -1, 1)  # FSDP over every device
-    config.loss.impl = "ring"  # never materialise the 32k x 32k logit matrix
-    config.loss.chunk_size = 512  # and hold at most [512, local batch] per tile
-    config.checkpoint.every_steps = 2000
-    config.log.every_steps = 100
-    return config
 
 
 # --- Field rules: the types, ranges and choices, checked by `check_fields`.
@@ -455,6 +435,24 @@ def check_workdir(workdir: str) -> None:
         raise ConfigError(
             f"--workdir={workdir!r} cannot be created or written: {e.strerror or e}"
         ) from None
+
+
+# --- Recipes.
+
+
+def load_beside(recipe_file: str, name: str) -> types.ModuleType:
+    """The Python file `name` next to `recipe_file`, as a module: recipes are files, not
+    a package, so `configs/*.py` read their shared settings with
+    `common = load_beside(__file__, "common.py")`, from any working directory."""
+    path = os.path.join(os.path.dirname(os.path.abspath(recipe_file)), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} (loaded by {recipe_file}) does not exist")
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # The data checks above say their rules through these until they move to the data

@@ -132,13 +132,16 @@ def test_unwritable_workdir_is_refused(tmp_path):
         validate_config(base_config(), str(read_only))
 
 
-def test_recipes_load_and_build():
+def test_recipes_load_and_build(tmp_path, monkeypatch):
     from config_util import recipe
 
     from jaxclip.models.__main__ import parameter_counts
 
+    monkeypatch.chdir(tmp_path)  # each finds configs/common.py beside it, from any cwd
     for name in ("demo", "vit_b32", "vit_b16", "vit_l14", "rn50", "siglip_b16"):
         config = recipe(name)
+        if name != "demo":  # as `python -m jaxclip.aot` checks them for v5p:4x4x4
+            validate_config(config, num_devices=64, check_data=False)
         config.data.source = "shapes"  # real data sources come with the data pipeline
         validate_config(config)
         assert parameter_counts(config.model.name)["total"] > 0
@@ -146,3 +149,10 @@ def test_recipes_load_and_build():
             assert config.train.batch_size == 32768
             assert (config.optim.b1, config.optim.eps) == (0.9, 1e-6)
     assert recipe("siglip_b16").loss.name == "siglip"
+
+
+def test_a_recipe_without_its_common_file_is_refused(tmp_path):
+    from jaxclip.config import load_beside
+
+    with pytest.raises(FileNotFoundError, match=r"common.py \(loaded by .*alone.py\)"):
+        load_beside(str(tmp_path / "alone.py"), "common.py")
