@@ -2,10 +2,11 @@
 values with a message naming the field, before anything compiles.
 
 Recipes in `configs/` start from `base_config()`; the README documents each field.
-Types and ranges are rules in `FIELD_RULES` (see config_rules.py); the choices come
-from the modules that own them (model names and dtypes: models/registry.py, remat
-policies: models/layers.py, losses: losses.py, evaluators: evaluate/evaluators.py).
-What spans several fields (the mesh and the batch, the best metric) is code below.
+Types and ranges are rules in `FIELD_RULES` (see config_rules.py); the choices and
+their checks come from the modules that own them (model names and dtypes:
+models/registry.py, remat policies: models/layers.py, losses: losses.py, evaluators:
+evaluate/evaluators.py, `distributed.*`: distributed.py). What spans several fields
+(the mesh and the batch, the best metric) is code below.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import ml_collections
 from jax.sharding import AbstractMesh
 
 from jaxclip.config_rules import (
-    BOOL,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
@@ -28,8 +28,6 @@ from jaxclip.config_rules import (
     ConfigError,  # raised by every check; callers import it from here
     Rule,
     check_fields,
-    int_at_least,
-    is_int,
     is_number,
     lookup,
     number,
@@ -41,6 +39,7 @@ from jaxclip.data.transforms import (
     OPENAI_MEAN,
     OPENAI_STD,
 )
+from jaxclip.distributed import validate_distributed_config
 from jaxclip.losses import LOSS_IMPLS, LOSS_NAMES
 from jaxclip.models.layers import REMAT_POLICIES
 from jaxclip.models.registry import DTYPES, MODELS
@@ -173,7 +172,6 @@ def _distributed_fields() -> ml_collections.ConfigDict:
 # --- Field rules: the types, ranges and choices, checked by `check_fields`.
 
 DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "digits", "mix")  # mix last
-DISTRIBUTED_MODES = ("auto", "on", "off")
 BEST_MODES = ("max", "min")
 
 
@@ -183,15 +181,6 @@ def _is_rgb(value) -> bool:
         and len(value) == 3
         and all(is_number(v) for v in value)
     )
-
-
-def _is_address(value) -> bool:
-    """'host:port', or empty (no explicit coordinator)."""
-    return isinstance(value, str) and (not value or value.rsplit(":", 1)[-1].isdigit())
-
-
-def _are_device_ids(value) -> bool:
-    return isinstance(value, (tuple, list)) and all(is_int(i) and i >= 0 for i in value)
 
 
 FIELD_RULES: dict[str, Rule] = {
@@ -227,20 +216,6 @@ FIELD_RULES: dict[str, Rule] = {
         "must be a number >= 0 (FLOP/s per device; 0 uses the table of known chips)",
     ),
     "log.every_steps": POSITIVE_INT,
-}
-
-DISTRIBUTED_RULES: dict[str, Rule] = {
-    "distributed.mode": one_of(DISTRIBUTED_MODES),
-    "distributed.coordinator_address": Rule(
-        _is_address, "must be 'host:port' (the address of process 0) or empty"
-    ),
-    "distributed.num_processes": NON_NEGATIVE_INT,
-    "distributed.process_id": int_at_least(-1),  # -1: from the environment
-    "distributed.local_device_ids": Rule(
-        _are_device_ids, "must be device indices >= 0"
-    ),
-    "distributed.initialization_timeout": POSITIVE_INT,
-    "distributed.log_all_processes": BOOL,
 }
 
 EVALS_RULES: dict[str, Rule] = {"checkpoint.best_mode": one_of(BEST_MODES)}
@@ -295,17 +270,6 @@ def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) ->
         raise ConfigError(
             f"train.batch_size={batch} is not divisible by the "
             f"{jax.process_count()} processes"
-        )
-
-
-def validate_distributed_config(config: ml_collections.ConfigDict) -> None:
-    """The `distributed.*` fields (checked before the processes connect)."""
-    check_fields(config, DISTRIBUTED_RULES)
-    dist = config.distributed
-    if dist.num_processes and dist.process_id >= dist.num_processes:
-        raise ConfigError(
-            f"distributed.process_id={dist.process_id} must be in [0, num_processes) "
-            "(or -1: from the environment or cluster)"
         )
 
 
