@@ -41,8 +41,8 @@ from jaxclip.data.transforms import (
 )
 from jaxclip.distributed import validate_distributed_config
 from jaxclip.losses import LOSS_IMPLS, LOSS_NAMES
+from jaxclip.models import registry
 from jaxclip.models.layers import REMAT_POLICIES
-from jaxclip.models.registry import DTYPES, MODELS
 from jaxclip.sharding import BATCH_AXES, MESH_AXES, batch_shards, resolve_mesh_shape
 
 # --- The schema: one function per section.
@@ -184,8 +184,8 @@ def _is_rgb(value) -> bool:
 
 
 FIELD_RULES: dict[str, Rule] = {
-    "model.name": one_of(sorted(MODELS)),
-    "model.dtype": one_of(DTYPES),
+    "model.name": registry.NAME_RULE,
+    "model.dtype": one_of(registry.DTYPES),
     "model.remat": one_of(REMAT_POLICIES),
     "loss.name": one_of(LOSS_NAMES),
     "loss.impl": one_of(LOSS_IMPLS),
