@@ -401,8 +401,10 @@ def make_evaluators(
     tokenizer: TokenizerSpec,
     seed: int = 0,
 ) -> list[Evaluator]:
-    """One Evaluator per `config.evals` entry, in the config's order, its data read."""
-    validate(evals)
+    """One Evaluator per `config.evals` entry, in the config's order, its data read.
+
+    The entries must have passed `validate` (validate_config and
+    validate_evals_config run it before anything is built)."""
     return [
         Evaluator(
             name,
