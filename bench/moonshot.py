@@ -57,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def recipe(args, batch: int):
     """The ViT-L-14 recipe on the slice, with GradCache micro-batches."""
-    from jaxclip.config import clip_paper_recipe
+    from jaxclip.config import load_beside
 
-    config = clip_paper_recipe(args.model)
+    config = load_beside(__file__, "../configs/common.py").clip_paper(args.model)
     config.model.remat = args.remat
     config.mesh.shape = (1, -1, 1)
     config.train.batch_size = batch

@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import base_config
+from jaxclip.config import load_beside
 from jaxclip.evaluate import evaluators
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The demo recipe; `arg` is unused."""
     del arg
-    config = base_config()
-    config.model.name = "demo-vit"
-    config.model.scan = False  # unrolled layers: faster steps on the CPU
+    config = common.small_cpu_run()
     config.data.source = "shapes"
-    config.train.batch_size = 128
     config.train.steps = 300
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 50
-    config.optim.weight_decay = 0.1
     config.checkpoint.every_steps = 100
-    config.checkpoint.keep = 2
     config.log.every_steps = 25
     # Zero-shot shape x colour classification of 1,000 held-out images, at the end.
-    config.evals.zeroshot = evaluators.config("zeroshot", "shapes", num_examples=1000)
+    config.evals.zeroshot = evaluators.spec("zeroshot", "shapes", num_examples=1000)
     return config

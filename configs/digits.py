@@ -14,34 +14,29 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import base_config
+from jaxclip.config import load_beside
 from jaxclip.evaluate import evaluators
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The digits recipe; `arg` is unused."""
     del arg
-    config = base_config()
-    config.model.name = "demo-vit"  # 32x32 images, 4x4 patches of 8 pixels
-    config.model.scan = False  # unrolled layers: faster steps on the CPU
+    config = common.small_cpu_run()  # demo-vit: 32x32 images, like the upsampled scans
     config.data.source = "digits"
     config.data.crop = "random_resized"  # the scans fill the frame: mild scale jitter
     config.data.crop_scale = (0.8, 1.0)
-    config.train.batch_size = 128
     config.train.steps = 600  # about 53 epochs of the train split
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 50
-    config.optim.weight_decay = 0.1
     config.checkpoint.every_steps = 200
-    config.checkpoint.keep = 2
     config.log.every_steps = 50
 
     # Zero-shot on the held-out scans every 200 steps (and so at the end), keeping the
     # best step; the linear probe once, at the end.
-    config.evals.digits = evaluators.config(
+    config.evals.digits = evaluators.spec(
         "zeroshot", "digits", split="test", every_steps=200
     )
-    config.evals.digits_probe = evaluators.config(
+    config.evals.digits_probe = evaluators.spec(
         "linear_probe", "digits", split="test", train_split="train"
     )
     config.checkpoint.best_metric = "digits/top1"

@@ -27,26 +27,26 @@ from jaxclip.config import base_config
 from jaxclip.evaluate import evaluators
 
 BENCHMARKS = {
-    "imagenet": lambda: evaluators.config(
+    "imagenet": lambda: evaluators.spec(
         "zeroshot",
         "folder",
         path="/data/imagenet/val",
         classnames="imagenet",
         templates="imagenet",
     ),
-    "cifar10": lambda: evaluators.config(
+    "cifar10": lambda: evaluators.spec(
         "zeroshot", "tfds", path="cifar10", classnames="cifar10", templates="cifar10"
     ),
-    "cifar100": lambda: evaluators.config(
+    "cifar100": lambda: evaluators.spec(
         "zeroshot", "tfds", path="cifar100", classnames="cifar100", templates="cifar100"
     ),
-    "coco": lambda: evaluators.config(
+    "coco": lambda: evaluators.spec(
         "retrieval",
         "karpathy",
         path="/data/coco/dataset_coco.json",
         data_dir="/data/coco",
     ),
-    "flickr30k": lambda: evaluators.config(
+    "flickr30k": lambda: evaluators.spec(
         "retrieval",
         "karpathy",
         path="/data/flickr30k/dataset_flickr30k.json",

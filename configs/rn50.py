@@ -1,9 +1,6 @@
-"""RN50, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
-weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
+"""RN50 with the CLIP paper's setup (`common.clip_paper`), for a TPU v5p-128 slice.
 
-Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with no
-remat, data parallel (BatchNorm nets); the step compiled for it and its per-chip memory
-are in docs/tpu.md:
+No remat, and plain data parallelism: BatchNorm nets (docs/tpu.md).
 
     python -m jaxclip.aot --config=configs/rn50.py --topology=v5p:4x4x4
 
@@ -15,12 +12,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import clip_paper_recipe
+from jaxclip.config import load_beside
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """RN50 recipe; `arg` is unused."""
     del arg
-    config = clip_paper_recipe("RN50")
+    config = common.clip_paper("RN50")
     config.mesh.shape = (-1, 1, 1)  # BatchNorm nets: plain data parallelism
     return config

@@ -1,10 +1,7 @@
 """ViT-B-16 trained with the sigmoid (SigLIP) loss: learnable scale (init 10) and bias
-(init -10), pixels normalised to [-1, 1], batch 32,768, AdamW, weight decay 1e-4
-(SigLIP paper, Zhai et al. 2023).
-
-Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with remat
-'dots' as for ViT-B-16; the step compiled for it and its per-chip memory are in
-docs/tpu.md:
+(init -10), pixels normalised to [-1, 1], AdamW with weight decay 1e-4 (SigLIP paper,
+Zhai et al. 2023), on the CLIP paper's batch and data (`common.clip_paper`), for a TPU
+v5p-128 slice with remat 'dots' as for ViT-B-16 (docs/tpu.md).
 
     python -m jaxclip.aot --config=configs/siglip_b16.py --topology=v5p:4x4x4
 
@@ -16,14 +13,16 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import clip_paper_recipe
+from jaxclip.config import load_beside
 from jaxclip.data.transforms import HALF
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """SigLIP-loss ViT-B-16 recipe; `arg` is unused."""
     del arg
-    config = clip_paper_recipe("ViT-B-16")
+    config = common.clip_paper("ViT-B-16")
     config.loss.name = "siglip"
     config.data.mean = HALF
     config.data.std = HALF

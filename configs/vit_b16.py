@@ -1,9 +1,7 @@
-"""ViT-B-16, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
-weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
+"""ViT-B-16 with the CLIP paper's setup (`common.clip_paper`), for a TPU v5p-128 slice.
 
-Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with remat
-'dots' (activations of the 197-token stack without it come close to the whole HBM); the
-step compiled for it and its per-chip memory are in docs/tpu.md:
+Remat 'dots': without it the activations of the 197-token stack come close to the
+whole HBM (docs/tpu.md).
 
     python -m jaxclip.aot --config=configs/vit_b16.py --topology=v5p:4x4x4
 
@@ -15,12 +13,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import clip_paper_recipe
+from jaxclip.config import load_beside
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ViT-B-16 recipe; `arg` is unused."""
     del arg
-    config = clip_paper_recipe("ViT-B-16")
+    config = common.clip_paper("ViT-B-16")
     config.model.remat = "dots"  # fits v5p-128 with headroom (docs/tpu.md)
     return config

@@ -1,9 +1,6 @@
-"""ViT-L-14, following the CLIP paper: global batch 32,768, AdamW (0.9, 0.98, eps 1e-6),
-weight decay 0.2, 2,000 warm-up steps, cosine decay, bf16 compute.
+"""ViT-L-14 with the CLIP paper's setup (`common.clip_paper`), for a TPU v5p-128 slice.
 
-Target: a TPU v5p-128 slice (`v5p:4x4x4`: 64 chips, 512 samples per chip), with remat
-'full' ('dots' needs more HBM than a chip has); the step compiled for it and its
-per-chip memory are in docs/tpu.md:
+Remat 'full': 'dots' needs more HBM than a chip has (docs/tpu.md).
 
     python -m jaxclip.aot --config=configs/vit_l14.py --topology=v5p:4x4x4
 
@@ -15,12 +12,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxclip.config import clip_paper_recipe
+from jaxclip.config import load_beside
+
+common = load_beside(__file__, "common.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ViT-L-14 recipe; `arg` is unused."""
     del arg
-    config = clip_paper_recipe("ViT-L-14")
+    config = common.clip_paper("ViT-L-14")
     config.model.remat = "full"  # fits v5p-128 with headroom (docs/tpu.md)
     return config

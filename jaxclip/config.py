@@ -2,6 +2,11 @@
 values with a message naming the field, before anything compiles.
 
 Recipes in `configs/` start from `base_config()`; the README documents each field.
+Types and ranges are rules in `FIELD_RULES` (see config_rules.py); the choices and
+their checks come from the modules that own them (model names and dtypes:
+models/registry.py, remat policies: models/layers.py, losses: losses.py, evaluators:
+evaluate/evaluators.py, `distributed.*`: distributed.py). What spans several fields
+(the mesh and the batch, the best metric) is code below.
 """
 
 from __future__ import annotations
@@ -9,148 +14,214 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+import types
 
 import jax
 import ml_collections
-import numpy as np
+from jax.sharding import AbstractMesh
 
+from jaxclip.config_rules import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    ConfigError,  # raised by every check; callers import it from here
+    Rule,
+    check_fields,
+    is_number,
+    lookup,
+    number,
+    one_of,
+)
 from jaxclip.data.transforms import (
     CROPS,
     DEFAULT_MAX_IMAGE_PIXELS,
     OPENAI_MEAN,
     OPENAI_STD,
 )
+from jaxclip.distributed import validate_distributed_config
+from jaxclip.losses import LOSS_IMPLS, LOSS_NAMES
+from jaxclip.models import registry
 from jaxclip.models.layers import REMAT_POLICIES
-from jaxclip.models.registry import get_model_config
-from jaxclip.sharding import BATCH_AXES, MESH_AXES, resolve_mesh_shape
+from jaxclip.sharding import BATCH_AXES, MESH_AXES, batch_shards, resolve_mesh_shape
+
+# --- The schema: one function per section.
 
 
 def base_config() -> ml_collections.ConfigDict:
     """All config fields with their default values."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "ViT-B-32"
-    config.model.dtype = "float32"  # compute dtype; params stay float32
-    # lax.scan over layers (False: unrolled, same params); None: scanned on GPU/TPU,
-    # unrolled on the CPU (jaxclip.models.build.use_scan)
-    config.model.scan = ml_collections.config_dict.placeholder(bool)
-    config.model.remat = "none"  # none | full | dots | dots_no_batch
-
-    config.loss = ml_collections.ConfigDict()
-    config.loss.name = "clip"  # clip (softmax) | siglip (sigmoid, adds a logit bias)
-    config.loss.impl = "dense"  # dense (reference) | ring (memory-efficient, sharded)
-    config.loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
-
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "shapes"  # shapes | webdataset | csv | tfds | digits | mix
-    config.data.path = ""  # tar shards, a CSV/TSV file, or a tfds dataset name
-    config.data.mix = ()  # source='mix': ((source, path, weight), ...)
-    config.data.csv_image_column = "filepath"  # image paths, relative to the file
-    config.data.csv_caption_column = "title"
-    config.data.csv_separator = ""  # "": tab for .tsv, comma otherwise
-    config.data.tfds_data_dir = ""
-    config.data.tfds_split = "train"
-    config.data.tfds_image_key = "image"
-    config.data.tfds_caption_key = "caption"
-    config.data.crop = "random_square"  # random_square | random_resized | center
-    config.data.crop_scale = (0.9, 1.0)  # random_resized: area fraction range
-    config.data.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # more: skipped as a bomb
-    config.data.tokenizer = "clip"  # clip | sentencepiece
-    config.data.tokenizer_model = ""  # sentencepiece: the .model file
-    config.data.shuffle = True  # a new order each epoch, from the seed
-    config.data.threads = 4  # decoding threads per process (or per worker)
-    config.data.workers = 0  # worker processes (0: threads in the main process)
-    config.data.prefetch = 2  # batches prepared ahead
-    config.data.mean = OPENAI_MEAN
-    config.data.std = OPENAI_STD
-
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 256  # global, over all devices and processes
-    config.train.steps = 1000
-    config.train.prefetch = 1  # batches copied to the devices ahead of their step
-    config.train.compile_cache_dir = ""  # persistent compilation cache ("": off)
-    config.train.accum_steps = 1  # micro-batches per step, exact (GradCache)
-    # Non-finite loss or gradient: the update is skipped; this many in a row stop
-    config.train.max_nonfinite_steps = 5
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.lr = 5e-4
-    config.optim.end_lr = 0.0
-    config.optim.warmup_steps = 100
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.98
-    config.optim.eps = 1e-6
-    config.optim.weight_decay = 0.2
-    config.optim.grad_clip_norm = 1.0  # 0 disables clipping
-
+    config.model = _model_fields()
+    config.loss = _loss_fields()
+    config.data = _data_fields()
+    config.train = _train_fields()
+    config.optim = _optim_fields()
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 is inferred
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 1000  # 0: only at the end
-    config.checkpoint.keep = 3
-    config.checkpoint.async_save = True
-    # Keep the step with the best value of this evaluation metric in workdir/best
-    # (e.g. "zeroshot/top1"; "": off), by best_mode: max | min.
-    config.checkpoint.best_metric = ""
-    config.checkpoint.best_mode = "max"
-
+    config.checkpoint = _checkpoint_fields()
     config.mfu = ml_collections.ConfigDict()
     config.mfu.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0: known-chip table)
-
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50
-
     # Evaluators by name, run during and after training: each entry comes from
-    # jaxclip.evaluate.evaluators.config(kind, dataset, ...), e.g. the demo's
+    # jaxclip.evaluate.evaluators.spec(kind, dataset, ...), e.g. the demo's
     # config.evals.zeroshot; results are named "<name>/<metric>".
     config.evals = ml_collections.ConfigDict()
+    config.distributed = _distributed_fields()
+    return config
 
+
+def _model_fields() -> ml_collections.ConfigDict:
+    model = ml_collections.ConfigDict()
+    model.name = "ViT-B-32"  # an architecture of models/registry.py
+    model.dtype = "float32"  # compute dtype; params stay float32
+    # lax.scan over layers (False: unrolled, same params); None: scanned on GPU/TPU,
+    # unrolled on the CPU (jaxclip.models.build.use_scan)
+    model.scan = ml_collections.config_dict.placeholder(bool)
+    model.remat = "none"  # none | full | dots | dots_no_batch
+    return model
+
+
+def _loss_fields() -> ml_collections.ConfigDict:
+    loss = ml_collections.ConfigDict()
+    loss.name = "clip"  # clip (softmax) | siglip (sigmoid, adds a logit bias)
+    loss.impl = "dense"  # dense (reference) | ring (memory-efficient, sharded)
+    loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
+    return loss
+
+
+def _data_fields() -> ml_collections.ConfigDict:
+    data = ml_collections.ConfigDict()
+    data.source = "shapes"  # shapes | webdataset | csv | tfds | digits | mix
+    data.path = ""  # tar shards, a CSV/TSV file, or a tfds dataset name
+    data.mix = ()  # source='mix': ((source, path, weight), ...)
+    data.csv_image_column = "filepath"  # image paths, relative to the file
+    data.csv_caption_column = "title"
+    data.csv_separator = ""  # "": tab for .tsv, comma otherwise
+    data.tfds_data_dir = ""
+    data.tfds_split = "train"
+    data.tfds_image_key = "image"
+    data.tfds_caption_key = "caption"
+    data.crop = "random_square"  # random_square | random_resized | center
+    data.crop_scale = (0.9, 1.0)  # random_resized: area fraction range
+    data.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # more: skipped as a bomb
+    data.tokenizer = "clip"  # clip | sentencepiece
+    data.tokenizer_model = ""  # sentencepiece: the .model file
+    data.shuffle = True  # a new order each epoch, from the seed
+    data.threads = 4  # decoding threads per process (or per worker)
+    data.workers = 0  # worker processes (0: threads in the main process)
+    data.prefetch = 2  # batches prepared ahead
+    data.mean = OPENAI_MEAN
+    data.std = OPENAI_STD
+    return data
+
+
+def _train_fields() -> ml_collections.ConfigDict:
+    train = ml_collections.ConfigDict()
+    train.batch_size = 256  # global, over all devices and processes
+    train.steps = 1000
+    train.prefetch = 1  # batches copied to the devices ahead of their step
+    train.compile_cache_dir = ""  # persistent compilation cache ("": off)
+    train.accum_steps = 1  # micro-batches per step, exact (GradCache)
+    # Non-finite loss or gradient: the update is skipped; this many in a row stop
+    train.max_nonfinite_steps = 5
+    return train
+
+
+def _optim_fields() -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict()
+    optim.lr = 5e-4
+    optim.end_lr = 0.0
+    optim.warmup_steps = 100
+    optim.b1 = 0.9
+    optim.b2 = 0.98
+    optim.eps = 1e-6
+    optim.weight_decay = 0.2
+    optim.grad_clip_norm = 1.0  # 0 disables clipping
+    return optim
+
+
+def _checkpoint_fields() -> ml_collections.ConfigDict:
+    checkpoint = ml_collections.ConfigDict()
+    checkpoint.every_steps = 1000  # 0: only at the end
+    checkpoint.keep = 3
+    checkpoint.async_save = True
+    # Keep the step with the best value of this evaluation metric in workdir/best
+    # (e.g. "zeroshot/top1"; "": off), by best_mode: max | min.
+    checkpoint.best_metric = ""
+    checkpoint.best_mode = "max"
+    return checkpoint
+
+
+def _distributed_fields() -> ml_collections.ConfigDict:
     # Multi-process runs (jaxclip.distributed, docs/launch.md). Unset fields fall back
     # to JAXCLIP_COORDINATOR, JAXCLIP_NUM_PROCESSES, JAXCLIP_PROCESS_ID and
     # JAXCLIP_LOCAL_DEVICE_IDS, then to a TPU pod or SLURM job JAX detects itself.
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.mode = "auto"  # auto | on (must be multi-process) | off
-    config.distributed.coordinator_address = ""  # "host:port" of process 0
-    config.distributed.num_processes = 0  # 0: from the environment or cluster
-    config.distributed.process_id = -1  # -1: from the environment or cluster
-    config.distributed.local_device_ids = ()  # (): all (TPU) or the cluster's choice
-    config.distributed.initialization_timeout = 300  # seconds to wait for all
-    config.distributed.log_all_processes = False  # progress lines from every process
-    return config
+    distributed = ml_collections.ConfigDict()
+    distributed.mode = "auto"  # auto | on (must be multi-process) | off
+    distributed.coordinator_address = ""  # "host:port" of process 0
+    distributed.num_processes = 0  # 0: from the environment or cluster
+    distributed.process_id = -1  # -1: from the environment or cluster
+    distributed.local_device_ids = ()  # (): all (TPU) or the cluster's choice
+    distributed.initialization_timeout = 300  # seconds to wait for all
+    distributed.log_all_processes = False  # progress lines from every process
+    return distributed
 
 
-def clip_paper_recipe(model_name: str) -> ml_collections.ConfigDict:
-    """The CLIP paper's large-scale setup: batch 32,768, AdamW (0.9, 0.98), eps 1e-6,
-    weight decay 0.2, 2,000 warm-up steps then cosine decay."""
-    config = base_config()
-    config.model.name = model_name
-    config.model.dtype = "bfloat16"
-    config.data.source = "webdataset"
-    config.data.path = "/data/laion400m/{00000..41407}.tar"
-    config.train.batch_size = 32768
-    config.train.steps = 32 * 12_500  # 32 epochs of 400M samples at 32k
-    config.optim.lr = 5e-4
-    config.optim.warmup_steps = 2000
-    config.optim.weight_decay = 0.2
-    config.mesh.shape = (1, -1, 1)  # FSDP over every device
-    config.loss.impl = "ring"  # never materialise the 32k x 32k logit matrix
-    config.loss.chunk_size = 512  # and hold at most [512, local batch] per tile
-    config.checkpoint.every_steps = 2000
-    config.log.every_steps = 100
-    return config
+# --- Field rules: the types, ranges and choices, checked by `check_fields`.
 
-
-LOSS_NAMES = ("clip", "siglip")
-LOSS_IMPLS = ("dense", "ring")
-DTYPES = ("float32", "bfloat16")
 DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "digits", "mix")  # mix last
+BEST_MODES = ("max", "min")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
+def _is_rgb(value) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 3
+        and all(is_number(v) for v in value)
+    )
+
+
+FIELD_RULES: dict[str, Rule] = {
+    "model.name": registry.NAME_RULE,
+    "model.dtype": one_of(registry.DTYPES),
+    "model.remat": one_of(REMAT_POLICIES),
+    "loss.name": one_of(LOSS_NAMES),
+    "loss.impl": one_of(LOSS_IMPLS),
+    "loss.chunk_size": NON_NEGATIVE_INT,
+    "data.source": one_of(DATA_SOURCES),
+    "data.mean": Rule(_is_rgb, "must be 3 numbers (RGB)"),
+    "data.std": Rule(_is_rgb, "must be 3 numbers (RGB)"),
+    "train.batch_size": POSITIVE_INT,
+    "train.steps": POSITIVE_INT,
+    "train.accum_steps": POSITIVE_INT,
+    "train.max_nonfinite_steps": POSITIVE_INT,
+    "train.prefetch": POSITIVE_INT,
+    "train.compile_cache_dir": Rule(
+        lambda value: isinstance(value, str),
+        "must be a directory path (or empty to disable the cache)",
+    ),
+    "optim.lr": POSITIVE,
+    "optim.eps": POSITIVE,
+    "optim.b1": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
+    "optim.b2": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
+    "optim.warmup_steps": NON_NEGATIVE_INT,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.grad_clip_norm": NON_NEGATIVE,
+    "checkpoint.every_steps": NON_NEGATIVE_INT,
+    "checkpoint.keep": POSITIVE_INT,
+    "mfu.peak_flops": number(
+        lambda value: value >= 0,
+        "must be a number >= 0 (FLOP/s per device; 0 uses the table of known chips)",
+    ),
+    "log.every_steps": POSITIVE_INT,
+}
+
+EVALS_RULES: dict[str, Rule] = {"checkpoint.best_mode": one_of(BEST_MODES)}
+
+
+# --- The checks.
 
 
 def validate_config(
@@ -166,128 +237,51 @@ def validate_config(
     `jax.device_count()`; `jaxclip.aot` passes a TPU slice's); `check_data=False`
     skips the data fields (compiling reads no data).
     """
-    _known_model(config.model.name)
-    _check_choice(config.model.dtype, "model.dtype", DTYPES)
-    _check_choice(config.model.remat, "model.remat", tuple(REMAT_POLICIES))
-    _check_choice(config.loss.name, "loss.name", LOSS_NAMES)
-    _check_choice(config.loss.impl, "loss.impl", LOSS_IMPLS)
-    _check_choice(config.data.source, "data.source", DATA_SOURCES)
-    for field in (
-        "train.batch_size",
-        "train.steps",
-        "train.accum_steps",
-        "train.max_nonfinite_steps",
-        "log.every_steps",
-    ):
-        _positive_int(config, field)
-    for field in (
-        "checkpoint.every_steps",
-        "optim.warmup_steps",
-        "loss.chunk_size",
-    ):
-        _non_negative_int(config, field)
-    _positive_int(config, "checkpoint.keep")
-    _positive_int(config, "train.prefetch")
-    if not isinstance(config.train.compile_cache_dir, str):
-        raise ConfigError(
-            f"train.compile_cache_dir={config.train.compile_cache_dir!r} must be a "
-            "directory path (or empty to disable the cache)"
-        )
-    peak = config.mfu.peak_flops
-    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak < 0:
-        raise ConfigError(
-            f"mfu.peak_flops={peak!r} must be a number >= 0 (FLOP/s per device; "
-            "0 uses the table of known chips)"
-        )
-    for field in ("optim.lr", "optim.eps"):
-        if not _lookup(config, field) > 0:
-            raise ConfigError(f"{field}={_lookup(config, field)!r} must be > 0")
-    for field in ("optim.b1", "optim.b2"):
-        if not 0 <= _lookup(config, field) < 1:
-            raise ConfigError(f"{field}={_lookup(config, field)!r} must be in [0, 1)")
-    if config.optim.weight_decay < 0 or config.optim.grad_clip_norm < 0:
-        raise ConfigError("optim.weight_decay and optim.grad_clip_norm must be >= 0")
-    if len(config.data.mean) != 3 or len(config.data.std) != 3:
-        raise ConfigError("data.mean and data.std need 3 values (RGB)")
+    check_fields(config, FIELD_RULES)
     if check_data:
         validate_data_config(config)
     validate_evals_config(config)
     validate_distributed_config(config)
-
-    try:
-        mesh_shape = resolve_mesh_shape(
-            config.mesh.shape, num_devices or jax.device_count()
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    batch_shards = int(np.prod([mesh_shape[MESH_AXES.index(a)] for a in BATCH_AXES]))
-    if config.train.batch_size % batch_shards:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by the "
-            f"{batch_shards} batch shards of mesh.shape={mesh_shape} (axes {BATCH_AXES})"
-        )
-    per_shard = config.train.batch_size // batch_shards
-    if per_shard % config.train.accum_steps:
-        raise ConfigError(
-            f"train.accum_steps={config.train.accum_steps} does not divide the "
-            f"per-shard batch of {per_shard} (train.batch_size="
-            f"{config.train.batch_size} over {batch_shards} batch shards)"
-        )
-    if config.train.batch_size % jax.process_count():
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} is not divisible by the "
-            f"{jax.process_count()} processes"
-        )
+    validate_batch_split(config, num_devices or jax.device_count())
     if workdir is not None:
         check_workdir(workdir)
 
 
-DISTRIBUTED_MODES = ("auto", "on", "off")
-
-
-def validate_distributed_config(config: ml_collections.ConfigDict) -> None:
-    """The `distributed.*` fields (checked before the processes connect)."""
-    dist = config.distributed
-    _check_choice(dist.mode, "distributed.mode", DISTRIBUTED_MODES)
-    address = dist.coordinator_address
-    if not isinstance(address, str) or (
-        address and not address.rsplit(":", 1)[-1].isdigit()
-    ):
+def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The batch splits evenly over the mesh's batch shards, the accumulation's
+    micro-batches and the processes."""
+    try:
+        mesh_shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = batch_shards(AbstractMesh(mesh_shape, MESH_AXES))
+    batch, accum_steps = config.train.batch_size, config.train.accum_steps
+    if batch % shards:
         raise ConfigError(
-            f"distributed.coordinator_address={address!r} must be 'host:port' (the "
-            "address of process 0) or empty"
+            f"train.batch_size={batch} is not divisible by the {shards} batch shards "
+            f"of mesh.shape={mesh_shape} (axes {BATCH_AXES})"
         )
-    _non_negative_int(config, "distributed.num_processes")
-    process_id = dist.process_id
-    if not isinstance(process_id, (int, np.integer)) or isinstance(process_id, bool):
-        raise ConfigError(f"distributed.process_id={process_id!r} must be an integer")
-    if process_id < -1 or (dist.num_processes and process_id >= dist.num_processes):
+    if (batch // shards) % accum_steps:
         raise ConfigError(
-            f"distributed.process_id={process_id} must be in [0, num_processes) "
-            "(or -1: from the environment or cluster)"
+            f"train.accum_steps={accum_steps} does not divide the per-shard batch of "
+            f"{batch // shards} (train.batch_size={batch} over {shards} batch shards)"
         )
-    ids = tuple(dist.local_device_ids)
-    if any(not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
+    if batch % jax.process_count():
         raise ConfigError(
-            f"distributed.local_device_ids={ids!r} must be device indices >= 0"
-        )
-    _positive_int(config, "distributed.initialization_timeout")
-    if not isinstance(dist.log_all_processes, bool):
-        raise ConfigError(
-            f"distributed.log_all_processes={dist.log_all_processes!r} must be a bool"
+            f"train.batch_size={batch} is not divisible by the "
+            f"{jax.process_count()} processes"
         )
 
 
 def validate_evals_config(config: ml_collections.ConfigDict) -> None:
     """The evaluators (`evals.*`) and the best-checkpoint metric."""
+    # Imported here: the evaluators read datasets, which the rest of the config
+    # (and `jaxclip.distributed`, before JAX starts) does not need.
     from jaxclip.evaluate import evaluators
 
-    try:
-        evaluators.validate(config.evals)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    evaluators.validate(config.evals)
+    check_fields(config, EVALS_RULES)
     best = config.checkpoint.best_metric
-    _check_choice(config.checkpoint.best_mode, "checkpoint.best_mode", ("max", "min"))
     if best and best.split("/")[0] not in config.evals:
         raise ConfigError(
             f"checkpoint.best_metric={best!r} must be '<evaluator>/<metric>' with an "
@@ -407,38 +401,35 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
-def _known_model(name: str) -> None:
-    try:
-        get_model_config(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+# --- Recipes.
+
+
+def load_beside(recipe_file: str, name: str) -> types.ModuleType:
+    """The Python file `name` next to `recipe_file`, as a module: recipes are files, not
+    a package, so `configs/*.py` read their shared settings with
+    `common = load_beside(__file__, "common.py")`, from any working directory."""
+    path = os.path.join(os.path.dirname(os.path.abspath(recipe_file)), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} (loaded by {recipe_file}) does not exist")
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The data checks above say their rules through these until they move to the data
+# layer (which can use jaxclip.config_rules directly).
 
 
 def _check_choice(value, field: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{field}={value!r}; expected one of {list(choices)}")
-
-
-def _lookup(config: ml_collections.ConfigDict, field: str):
-    node = config
-    for part in field.split("."):
-        if part not in node:
-            raise ConfigError(f"config has no field {field!r}")
-        node = node[part]
-    return node
+    one_of(choices).check(field, value)
 
 
 def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
-    value = _lookup(config, field)
-    if (
-        not isinstance(value, (int, np.integer))
-        or isinstance(value, bool)
-        or value <= 0
-    ):
-        raise ConfigError(f"{field}={value!r} must be a positive integer")
+    POSITIVE_INT.check(field, lookup(config, field))
 
 
 def _non_negative_int(config: ml_collections.ConfigDict, field: str) -> None:
-    value = _lookup(config, field)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{field}={value!r} must be a non-negative integer")
+    NON_NEGATIVE_INT.check(field, lookup(config, field))

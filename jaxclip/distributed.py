@@ -27,7 +27,17 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 
-from jaxclip.config import ConfigError, validate_distributed_config
+from jaxclip.config_rules import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    ConfigError,
+    Rule,
+    check_fields,
+    int_at_least,
+    is_int,
+    one_of,
+)
 
 ENV_COORDINATOR = "JAXCLIP_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXCLIP_NUM_PROCESSES"
@@ -43,6 +53,45 @@ _SLURM_VARS = (
     "SLURM_LOCALID",
 )
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+# --- The config's `distributed.*` fields and their rules (the modes: see above).
+
+MODES = ("auto", "on", "off")
+
+
+def _is_address(value) -> bool:
+    """'host:port', or empty (no explicit coordinator)."""
+    return isinstance(value, str) and (not value or value.rsplit(":", 1)[-1].isdigit())
+
+
+def _are_device_ids(value) -> bool:
+    return isinstance(value, (tuple, list)) and all(is_int(i) and i >= 0 for i in value)
+
+
+DISTRIBUTED_RULES: dict[str, Rule] = {
+    "distributed.mode": one_of(MODES),
+    "distributed.coordinator_address": Rule(
+        _is_address, "must be 'host:port' (the address of process 0) or empty"
+    ),
+    "distributed.num_processes": NON_NEGATIVE_INT,
+    "distributed.process_id": int_at_least(-1),  # -1: from the environment
+    "distributed.local_device_ids": Rule(
+        _are_device_ids, "must be device indices >= 0"
+    ),
+    "distributed.initialization_timeout": POSITIVE_INT,
+    "distributed.log_all_processes": BOOL,
+}
+
+
+def validate_distributed_config(config: ml_collections.ConfigDict) -> None:
+    """The `distributed.*` fields (checked before the processes connect)."""
+    check_fields(config, DISTRIBUTED_RULES)
+    dist = config.distributed
+    if dist.num_processes and dist.process_id >= dist.num_processes:
+        raise ConfigError(
+            f"distributed.process_id={dist.process_id} must be in [0, num_processes) "
+            "(or -1: from the environment or cluster)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -530,3 +530,8 @@ def _accuracy_ring(image_emb, text_emb, chunk_size):
 
 _CLIP_LOSS_IMPLS["ring"] = _clip_loss_ring
 _SIGLIP_LOSS_IMPLS["ring"] = _siglip_loss_ring
+
+# The config's choices, owned here: `loss.name` picks a loss, `loss.impl` one of the
+# implementations (both losses have the same ones).
+LOSS_NAMES = ("clip", "siglip")
+LOSS_IMPLS = tuple(_CLIP_LOSS_IMPLS)

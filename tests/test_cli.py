@@ -105,6 +105,10 @@ def _config(**fields):
         ({"model__remat": "sometimes"}, "model.remat='sometimes'"),
         ({"train__steps": 0}, "train.steps=0 must be a positive integer"),
         ({"optim__lr": -1.0}, "optim.lr=-1.0 must be > 0"),
+        ({"optim__lr": float("nan")}, "optim.lr=nan must be > 0"),
+        ({"optim__b2": 1.0}, r"optim.b2=1.0 must be in \[0, 1\)"),
+        ({"optim__weight_decay": -0.1}, "optim.weight_decay=-0.1 must be >= 0"),
+        ({"data__mean": (0.5, 0.5)}, r"data.mean=\(0.5, 0.5\) must be 3 numbers"),
         ({"data__source": "webdataset"}, "data.source='webdataset'"),
     ],
 )
@@ -128,13 +132,16 @@ def test_unwritable_workdir_is_refused(tmp_path):
         validate_config(base_config(), str(read_only))
 
 
-def test_recipes_load_and_build():
+def test_recipes_load_and_build(tmp_path, monkeypatch):
     from config_util import recipe
 
     from jaxclip.models.build import create_model, parameter_counts
 
+    monkeypatch.chdir(tmp_path)  # each finds configs/common.py beside it, from any cwd
     for name in ("demo", "vit_b32", "vit_b16", "vit_l14", "rn50", "siglip_b16"):
         config = recipe(name)
+        if name != "demo":  # as `python -m jaxclip.aot` checks them for v5p:4x4x4
+            validate_config(config, num_devices=64, check_data=False)
         config.data.source = "shapes"  # real data sources come with the data pipeline
         validate_config(config)
         assert parameter_counts(create_model(config.model.name))["total"] > 0
@@ -142,3 +149,10 @@ def test_recipes_load_and_build():
             assert config.train.batch_size == 32768
             assert (config.optim.b1, config.optim.eps) == (0.9, 1e-6)
     assert recipe("siglip_b16").loss.name == "siglip"
+
+
+def test_a_recipe_without_its_common_file_is_refused(tmp_path):
+    from jaxclip.config import load_beside
+
+    with pytest.raises(FileNotFoundError, match=r"common.py \(loaded by .*alone.py\)"):
+        load_beside(str(tmp_path / "alone.py"), "common.py")

@@ -60,7 +60,7 @@ def test_zero_shot_metrics_on_a_constructed_case():
     labels[[1, 5, 11]] = [4, 0, 6]  # predicted 0, 3, 7 but labelled 4, 0, 6
     images = np.repeat((10 * drawn).astype(np.uint8), 4 * 4 * 3).reshape(-1, 4, 4, 3)
     data = ClassificationSet.from_arrays(images, labels, NAMES, "constructed")
-    entry = evaluators.config("zeroshot", "shapes", templates="", batch_size=5)
+    entry = evaluators.spec("zeroshot", "shapes", templates="", batch_size=5)
     mesh = sharding.make_mesh((8, 1, 1))
     evaluator = _evaluator_with(entry, data, one_hot_encoders(8), mesh, ["{}"])
     results = evaluator.run({})
@@ -75,7 +75,7 @@ def test_zero_shot_metrics_on_a_constructed_case():
 
 
 def _evaluator_with(entry, data, encoders, mesh, templates):
-    """An Evaluator over `data` (an in-memory set), tokenized as load_evaluator does."""
+    """An Evaluator over `data` (an in-memory set), tokenized as evaluators.read_data does."""
     if entry.kind == "retrieval":
         tokens = tokenize(data.captions, CONTEXT)
     else:
@@ -129,7 +129,7 @@ def test_results_are_identical_on_any_mesh(random_tiny_model):
         placed = jax.device_put(variables, sharding.replicated(mesh))
         got = {}
         for kind, data in (("zeroshot", zeroshot_set), ("retrieval", retrieval_set)):
-            entry = evaluators.config(kind, "csv", path="x", batch_size=48)
+            entry = evaluators.spec(kind, "csv", path="x", batch_size=48)
             evaluator = _evaluator_with(
                 entry, data, encoders, mesh, list(digits.ZEROSHOT_TEMPLATES)
             )
@@ -148,21 +148,29 @@ def test_results_are_identical_on_any_mesh(random_tiny_model):
 
 def test_evaluator_configs_are_checked():
     config = base_config()
-    config.evals.a = evaluators.config("retrieval", "shapes")
+    config.evals.a = evaluators.spec("retrieval", "shapes")
     with pytest.raises(ConfigError, match="evals.a.dataset='shapes'"):
         validate_config(config)
-    config.evals.a = evaluators.config("zeroshot", "folder")
+    config.evals.a = evaluators.spec("zeroshot", "folder")
     with pytest.raises(ConfigError, match="needs a path"):
         validate_config(config)
-    config.evals.a = evaluators.config("zeroshot", "shapes", every_steps=-2)
+    config.evals.a = evaluators.spec("zeroshot", "shapes", every_steps=-2)
     with pytest.raises(ConfigError, match="every_steps=-2"):
         validate_config(config)
-    config.evals.a = evaluators.config("zeroshot", "shapes")
+    config.evals.a = evaluators.spec("probe", "shapes")
+    with pytest.raises(
+        ConfigError, match=r"evals.a.kind='probe' must be one of \['zero"
+    ):
+        validate_config(config)
+    config.evals.a = evaluators.spec("zeroshot", "shapes", batch_size=0)
+    with pytest.raises(ConfigError, match="evals.a.batch_size=0 must be a positive"):
+        validate_config(config)
+    config.evals.a = evaluators.spec("zeroshot", "shapes")
     config.checkpoint.best_metric = "b/top1"
     with pytest.raises(ConfigError, match="best_metric='b/top1'"):
         validate_config(config)
     with pytest.raises(ValueError, match="no field 'colour'"):
-        evaluators.config("zeroshot", "shapes", colour="red")
+        evaluators.spec("zeroshot", "shapes", colour="red")
 
     benchmarks = recipe_module("evaluate")
     validate_config(benchmarks.get_config("imagenet,cifar10,cifar100,coco,flickr30k"))
@@ -190,7 +198,7 @@ DEMO_OVERRIDES = {
 
 def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path):
     config = recipe("demo", overrides=DEMO_OVERRIDES)
-    config.evals.at_end = evaluators.config(
+    config.evals.at_end = evaluators.spec(
         "zeroshot", "shapes", num_examples=24, templates="simple"
     )
     config.checkpoint.best_metric = "zeroshot/top1"

@@ -72,7 +72,7 @@ def get_config(arg=None):
     config.optim.warmup_steps = 2
     config.log.every_steps = 1
     config.checkpoint.every_steps = 5
-    config.evals.zeroshot = evaluators.config("zeroshot", "shapes", num_examples=48)
+    config.evals.zeroshot = evaluators.spec("zeroshot", "shapes", num_examples=48)
     return config
 """
 

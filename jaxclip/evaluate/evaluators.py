@@ -3,10 +3,10 @@
 Each entry of `config.evals` is one evaluator, as in big_vision: a kind, a dataset and
 a period.
 
-    config.evals.imagenet = evaluators.config(
+    config.evals.imagenet = evaluators.spec(
         "zeroshot", "folder", path="/data/imagenet/val", classnames="imagenet",
         every_steps=5000)
-    config.evals.coco = evaluators.config(
+    config.evals.coco = evaluators.spec(
         "retrieval", "karpathy", path="/data/coco/dataset_coco.json",
         data_dir="/data/coco")
 
@@ -42,6 +42,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxclip.config_rules import (
+    POSITIVE_INT,
+    ConfigError,
+    check_fields,
+    int_at_least,
+    one_of,
+)
 from jaxclip.data import digits, shapes
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.evaluate import prompts
@@ -54,105 +61,105 @@ from jaxclip.evaluate.zeroshot import (
     prompt_texts,
 )
 
-KINDS = ("zeroshot", "retrieval", "linear_probe")
-DATASETS = ("shapes", "digits", "tfds", "folder", "csv", "karpathy")
-# Which datasets each kind can read.
-_KIND_DATASETS = {
+# The registry of choices: each kind and the datasets it can read.
+DATASETS_BY_KIND = {
     "zeroshot": ("shapes", "digits", "tfds", "folder", "csv"),
-    "linear_probe": ("shapes", "digits", "tfds", "folder", "csv"),
     "retrieval": ("csv", "karpathy"),
+    "linear_probe": ("shapes", "digits", "tfds", "folder", "csv"),
+}
+KINDS = tuple(DATASETS_BY_KIND)
+
+# Every field of an entry with its default (`spec` fills in the rest).
+_DEFAULTS = {
+    "kind": "zeroshot",  # zeroshot | retrieval | linear_probe
+    "dataset": "shapes",  # shapes | digits | tfds | folder | csv | karpathy
+    # during training, every this many steps; 0: once, at the end; -1: off
+    "every_steps": 0,
+    "batch_size": 256,  # images (or texts) embedded per global batch
+    "path": "",  # tfds name, folder root, CSV/TSV file or Karpathy JSON
+    "split": "test",  # tfds / digits / Karpathy split evaluated
+    "data_dir": "",  # tfds data_dir; Karpathy image root
+    "num_examples": 0,  # only the first n images (0: all)
+    "image_key": "image",  # tfds features
+    "label_key": "label",
+    "image_column": "filepath",  # CSV columns
+    "label_column": "label",
+    "caption_column": "title",
+    # zeroshot: class names and prompts: "" (the dataset's own), a packaged set
+    # (imagenet, cifar10, cifar100; templates also 'simple') or a file
+    "classnames": "",
+    "templates": "",
+    # linear_probe: what the probe is fit on: this split (tfds, digits), or for
+    # folder and csv datasets this path
+    "train_split": "train",
+    "train_path": "",
+    "train_num_examples": 0,
 }
 
+# Types and ranges of an entry's fields; what depends on the kind and dataset is
+# checked in `validate`.
+_RULES = {
+    "kind": one_of(KINDS),
+    "every_steps": int_at_least(-1),
+    "batch_size": POSITIVE_INT,
+    "num_examples": int_at_least(0),
+    "train_num_examples": int_at_least(0),
+}
+_NEEDS_PATH = ("tfds", "folder", "csv", "karpathy")
 
-def config(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
-    """One evaluator's config: every field with its default, then `fields`."""
-    entry = ml_collections.ConfigDict(
-        {
-            "kind": kind,  # zeroshot | retrieval | linear_probe
-            "dataset": dataset,  # shapes | digits | tfds | folder | csv | karpathy
-            # during training, every this many steps; 0: once, at the end; -1: off
-            "every_steps": 0,
-            "batch_size": 256,  # images (or texts) embedded per global batch
-            "path": "",  # tfds name, folder root, CSV/TSV file or Karpathy JSON
-            "split": "test",  # tfds / digits / Karpathy split evaluated
-            "data_dir": "",  # tfds data_dir; Karpathy image root
-            "num_examples": 0,  # only the first n images (0: all)
-            "image_key": "image",  # tfds features
-            "label_key": "label",
-            "image_column": "filepath",  # CSV columns
-            "label_column": "label",
-            "caption_column": "title",
-            # zeroshot: class names and prompts: "" (the dataset's own), a packaged
-            # set (imagenet, cifar10, cifar100; templates also 'simple') or a file
-            "classnames": "",
-            "templates": "",
-            # linear_probe: what the probe is fit on: this split (tfds, digits), or
-            # for folder and csv datasets this path
-            "train_split": "train",
-            "train_path": "",
-            "train_num_examples": 0,
-        }
-    )
+
+def spec(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
+    """One `config.evals` entry: every field with its default, then `fields`."""
+    entry = ml_collections.ConfigDict(_DEFAULTS)
+    entry.kind, entry.dataset = kind, dataset
     for name, value in fields.items():
         if name not in entry:
-            raise ValueError(f"evaluator config has no field {name!r}")
+            raise ValueError(f"evaluator spec has no field {name!r}")
         entry[name] = value
     return entry
 
 
 def validate(evals: ml_collections.ConfigDict) -> None:
-    """Refuse an evaluator that cannot run, naming the field (raises ValueError)."""
+    """Refuse an evaluator that cannot run, naming the field (raises ConfigError)."""
     for name, entry in evals.items():
         where = f"evals.{name}"
         if "/" in name:
-            raise ValueError(f"{where}: an evaluator name cannot contain '/'")
-        default = config("zeroshot", "shapes")
-        unknown = sorted(set(entry.keys()) - set(default.keys()))
+            raise ConfigError(f"{where}: an evaluator name cannot contain '/'")
+        unknown = sorted(set(entry.keys()) - set(_DEFAULTS))
         if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}")
-        if entry.get("kind") not in KINDS:
-            raise ValueError(
-                f"{where}.kind={entry.get('kind')!r}; expected one of {list(KINDS)}"
-            )
-        if entry.get("dataset") not in _KIND_DATASETS[entry.kind]:
-            raise ValueError(
+            raise ConfigError(f"{where}: unknown fields {unknown}")
+        check_fields(entry, _RULES, prefix=f"{where}.")
+        datasets = DATASETS_BY_KIND[entry.kind]
+        if entry.get("dataset") not in datasets:
+            raise ConfigError(
                 f"{where}.dataset={entry.get('dataset')!r}; a {entry.kind} evaluator "
-                f"reads one of {list(_KIND_DATASETS[entry.kind])}"
+                f"reads one of {list(datasets)}"
             )
-        for field, least in (
-            ("every_steps", -1),
-            ("num_examples", 0),
-            ("train_num_examples", 0),
-        ):
-            value = entry.get(field, 0)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(
-                    f"{where}.{field}={value!r} must be an integer >= {least}"
+        _check_paths(entry, where)
+
+
+def _check_paths(entry: ml_collections.ConfigDict, where: str) -> None:
+    """What the entry's dataset needs besides its name: paths, or a known split."""
+    if entry.dataset in _NEEDS_PATH and not entry.path:
+        raise ConfigError(f"{where}: dataset={entry.dataset!r} needs a path")
+    if (
+        entry.kind == "linear_probe"
+        and entry.dataset in ("folder", "csv")
+        and not entry.train_path
+    ):
+        raise ConfigError(
+            f"{where}: a linear probe on dataset={entry.dataset!r} needs "
+            "train_path (the images to fit on; path holds those it is scored on)"
+        )
+    if entry.dataset == "karpathy" and not entry.data_dir:
+        raise ConfigError(f"{where}: dataset='karpathy' needs data_dir (the images)")
+    if entry.dataset == "digits":
+        for field in ("split", "train_split"):
+            if entry[field] not in digits.SPLITS:
+                raise ConfigError(
+                    f"{where}.{field}={entry[field]!r}; digits has splits "
+                    f"{list(digits.SPLITS)}"
                 )
-        if not isinstance(entry.get("batch_size"), int) or entry.batch_size < 1:
-            raise ValueError(
-                f"{where}.batch_size={entry.get('batch_size')!r} must be >= 1"
-            )
-        if entry.dataset in ("tfds", "folder", "csv", "karpathy") and not entry.path:
-            raise ValueError(f"{where}: dataset={entry.dataset!r} needs a path")
-        if (
-            entry.kind == "linear_probe"
-            and entry.dataset in ("folder", "csv")
-            and not entry.train_path
-        ):
-            raise ValueError(
-                f"{where}: a linear probe on dataset={entry.dataset!r} needs "
-                "train_path (the images to fit on; path holds those it is scored on)"
-            )
-        if entry.dataset == "karpathy" and not entry.data_dir:
-            raise ValueError(f"{where}: dataset='karpathy' needs data_dir (the images)")
-        if entry.dataset == "digits":
-            for field in ("split", "train_split"):
-                if entry[field] not in digits.SPLITS:
-                    raise ValueError(
-                        f"{where}.{field}={entry[field]!r}; digits has splits "
-                        f"{list(digits.SPLITS)}"
-                    )
 
 
 # --- Datasets.
@@ -356,27 +363,24 @@ def _normalize(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-def load_evaluator(
-    name: str,
+def read_data(
     entry: ml_collections.ConfigDict,
-    encoders: Encoders,
-    mesh: Mesh,
     image_size: int,
     context_length: int,
     tokenizer: TokenizerSpec,
     seed: int = 0,
-) -> Evaluator:
-    """The evaluator of one `config.evals` entry, with its data read and tokenized."""
+) -> tuple[
+    ClassificationSet | RetrievalSet, np.ndarray | None, ClassificationSet | None
+]:
+    """What one entry's evaluator reads, once: `(data, tokens, train_data)` as
+    `Evaluator` takes them (tokens of the prompts or captions; a probe's train set)."""
     if entry.kind == "retrieval":
         data = retrieval_set(entry, image_size)
-        tokens = tokenizer(data.captions, context_length)
-        return Evaluator(name, entry, encoders, mesh, data, tokens)
+        return data, tokenizer(data.captions, context_length), None
     data = classification_set(entry, image_size, entry.split, entry.num_examples, seed)
     if entry.kind == "zeroshot":
         texts = prompt_texts(data.class_names, default_templates(entry))
-        return Evaluator(
-            name, entry, encoders, mesh, data, tokenizer(texts, context_length)
-        )
+        return data, tokenizer(texts, context_length), None
     train_data = classification_set(
         entry,
         image_size,
@@ -385,7 +389,7 @@ def load_evaluator(
         seed,
         path=entry.train_path,
     )
-    return Evaluator(name, entry, encoders, mesh, data, train_data=train_data)
+    return data, None, train_data
 
 
 def make_evaluators(
@@ -397,11 +401,17 @@ def make_evaluators(
     tokenizer: TokenizerSpec,
     seed: int = 0,
 ) -> list[Evaluator]:
-    """One Evaluator per `config.evals` entry, in the config's order."""
-    validate(evals)
+    """One Evaluator per `config.evals` entry, in the config's order, its data read.
+
+    The entries must have passed `validate` (validate_config and
+    validate_evals_config run it before anything is built)."""
     return [
-        load_evaluator(
-            name, entry, encoders, mesh, image_size, context_length, tokenizer, seed
+        Evaluator(
+            name,
+            entry,
+            encoders,
+            mesh,
+            *read_data(entry, image_size, context_length, tokenizer, seed),
         )
         for name, entry in evals.items()
     ]

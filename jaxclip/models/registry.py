@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxclip.config_rules import Rule
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -109,16 +111,22 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
+# The config's choices, owned here: `model.name` (this rule, which the config checks
+# too) and the compute dtypes a model runs in (`model.dtype`; params stay float32).
+NAME_RULE = Rule(
+    lambda name: name in MODELS,
+    f"is not a registered architecture; choose one of: {', '.join(sorted(MODELS))}",
+)
+DTYPES = ("float32", "bfloat16")
+
+
 def list_models() -> list[str]:
     """Registered architecture names, sorted."""
     return sorted(MODELS)
 
 
 def get_model_config(name: str) -> ModelConfig:
-    """The architecture registered as `name`; unknown names get a clear error."""
-    if name not in MODELS:
-        raise ValueError(
-            f"model.name={name!r} is not a registered architecture; "
-            f"choose one of: {', '.join(list_models())}"
-        )
+    """The architecture registered as `name`; an unknown name raises ConfigError (a
+    ValueError) that lists the registered ones."""
+    NAME_RULE.check("model.name", name)
     return MODELS[name]
