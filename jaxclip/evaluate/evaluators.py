@@ -35,7 +35,7 @@ image root).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -60,6 +60,7 @@ from jaxclip.evaluate.zeroshot import (
     classification_metrics,
     prompt_texts,
 )
+from jaxclip.models.build import Encoders
 
 # The registry of choices: each kind and the datasets it can read.
 DATASETS_BY_KIND = {
@@ -255,7 +256,6 @@ def default_templates(entry: ml_collections.ConfigDict) -> list[str]:
 # --- Evaluators.
 
 Variables = dict[str, Any]
-Encoders = tuple[Callable, Callable]  # jitted encode_images, encode_texts(variables, x)
 
 
 class Evaluator:
