@@ -4,10 +4,13 @@
     probs = model.classify(variables, ["cat.jpg", "dog.jpg"], ["cat", "dog", "car"])
 
 Parameters are passed explicitly (`variables`), as everywhere in Flax. Images may be
-paths, PIL images or NumPy arrays of any size; `preprocess` resizes and crops them to
-uint8 [S, S, 3] on the host, and the jitted encoder normalises them on the device
-(like the training pipeline). Inputs are processed in fixed-size batches padded to a
-power of two, so a notebook compiles each encoder only a few times.
+paths, PIL images or arrays of any size and either layout (`jaxclip/preprocess.py` has
+the rules); `preprocess` resizes and crops them to [S, S, 3] on the host, and the
+jitted encoder normalises them on the device (like the training pipeline). Batches
+already normalised as OpenCLIP's preprocess gives them are taken with
+`normalized=True`. Inputs are processed in fixed-size batches padded to a power of two,
+and models of the same architecture share their jitted encoders, so a notebook
+compiles each encoder only a few times.
 """
 
 from __future__ import annotations
@@ -21,97 +24,51 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from jaxclip.convert.files import Weights, load_weights
 from jaxclip.data.tokenizer import tokenize
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.evaluate.zeroshot import zero_shot_classifier
+from jaxclip.models.build import Encoders, init_variables, make_encoders
 from jaxclip.models.build import create_model as create_clip
-from jaxclip.models.build import init_variables, make_encoders
+from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import ModelConfig, get_model_config
+from jaxclip.preprocess import (
+    ImageLike,
+    OpenCLIPPreprocess,
+    Preprocess,
+    is_single_image,
+    pixel_batch,
+)
+
+__all__ = [
+    "InferenceModel",
+    "Loaded",
+    "OpenCLIPPreprocess",
+    "Preprocess",
+    "Tokenizer",
+    "create_model",
+    "load",
+]
+
+
+@functools.lru_cache(maxsize=16)
+def cached_model(
+    config: ModelConfig,
+    use_logit_bias: bool,
+    dtype: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> tuple[CLIP, Encoders]:
+    """The module and its jitted encoders, shared by every model of the same
+    architecture, dtype and pixel statistics in this process: a second `load` of the
+    same architecture compiles nothing again (jit keeps one program per batch bucket).
+    """
+    module = create_clip(config, use_logit_bias=use_logit_bias, dtype=dtype)
+    return module, make_encoders(module, mean, std)
+
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-ImageLike = Any  # a path, a PIL image, or a NumPy array [H, W] / [H, W, C]
-
-
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-
-class Preprocess:
-    """Image -> uint8 [S, S, 3]: resize and centre-crop as OpenCLIP does.
-
-    `resize_mode="shortest"` scales the shorter side to S and crops the centre;
-    `"squash"` resizes to S x S without keeping the aspect ratio. `interpolation` is
-    "bicubic" (OpenAI's and most OpenCLIP models') or "bilinear".
-    """
-
-    def __init__(
-        self,
-        image_size: int,
-        resize_mode: str = "shortest",
-        interpolation: str = "bicubic",
-    ):
-        if resize_mode not in ("shortest", "squash"):
-            raise ValueError(
-                f"resize_mode={resize_mode!r}; expected shortest or squash"
-            )
-        if interpolation not in _RESAMPLE:
-            raise ValueError(
-                f"interpolation={interpolation!r}; expected one of {sorted(_RESAMPLE)}"
-            )
-        self.image_size = image_size
-        self.resize_mode = resize_mode
-        self.interpolation = interpolation
-
-    def __call__(self, image: ImageLike) -> np.ndarray:
-        size, resample = self.image_size, _RESAMPLE[self.interpolation]
-        image = to_pil(image)
-        if self.resize_mode == "squash":
-            return np.asarray(image.resize((size, size), resample))
-        # torchvision's Resize(size) then CenterCrop(size), rounding as they do.
-        width, height = image.size
-        short, long = sorted((width, height))
-        new_long = int(size * long / short)
-        new_size = (size, new_long) if width <= height else (new_long, size)
-        image = image.resize(new_size, resample)
-        left = int(round((new_size[0] - size) / 2.0))
-        top = int(round((new_size[1] - size) / 2.0))
-        return np.asarray(image.crop((left, top, left + size, top + size)))
-
-    def __repr__(self) -> str:
-        return (
-            f"Preprocess(image_size={self.image_size}, resize_mode={self.resize_mode!r}, "
-            f"interpolation={self.interpolation!r})"
-        )
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an array (uint8, or float in [0, 1])."""
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"an image array must be [H, W] or [H, W, 1|3|4] (channels last), "
-            f"got shape {array.shape}"
-        )
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0 or array.max() > 1):
-            raise ValueError("float image arrays must hold values in [0, 1]")
-        array = np.round(array * 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ValueError(
-            f"image arrays must be uint8 or float in [0, 1], not {array.dtype}"
-        )
-    return Image.fromarray(array).convert("RGB")
 
 
 class Tokenizer:
@@ -145,13 +102,20 @@ class InferenceModel:
     ):
         self.config = config
         self.name = name
-        self.module = create_clip(config, use_logit_bias=logit_bias, dtype=dtype)
+        self.module, self.encoders = cached_model(
+            config,
+            logit_bias,
+            jnp.dtype(dtype).name,
+            tuple(float(x) for x in mean),
+            tuple(float(x) for x in std),
+        )
         self.preprocess = Preprocess(
             config.vision.image_size, resize_mode, interpolation
         )
+        # OpenCLIP's form: normalised float32 [3, S, S] (encode with normalized=True).
+        self.openclip_preprocess = OpenCLIPPreprocess(self.preprocess, mean, std)
         self.tokenizer = Tokenizer(config.text.context_length)
         self.batch_size = batch_size
-        self.encoders = make_encoders(self.module, mean, std)
 
     def __repr__(self) -> str:
         return f"InferenceModel({self.name or self.config})"
@@ -171,30 +135,55 @@ class InferenceModel:
     # --- Encoders.
 
     def encode_image(
-        self, variables: dict, images: Any, normalize: bool = True
+        self,
+        variables: dict,
+        images: Any,
+        normalize: bool = True,
+        *,
+        normalized: bool = False,
     ) -> np.ndarray:
         """Embeddings float32 [n, embed_dim] (unit norm unless normalize=False).
 
-        `images`: one image or a list of them (paths, PIL images, arrays of any
-        size), or a uint8 array [n, S, S, 3] already preprocessed.
+        `images`: one image or a list of them (paths, PIL images, arrays of any size,
+        uint8 or float in [0, 1], channels last or first), or one batch array
+        `[n, H, W, C]` / `[n, C, H, W]`. Batches at the model's size S go to the device
+        as they are; others are resized and cropped per image (`preprocess`). Float
+        pixels are never rounded. `normalized=True`: the batch is already normalised
+        with the model's mean and std, as `openclip_preprocess` (or OpenCLIP's own
+        preprocess) gives it, and must be S x S.
         """
-        size = self.image_size
-        preprocessed = (
-            isinstance(images, np.ndarray | jax.Array)
-            and images.ndim == 4
-            and images.shape[1:] == (size, size, 3)
-            and images.dtype == np.uint8
-        )
-        if not preprocessed and _is_single_image(images):
+        ready = pixel_batch(images, self.image_size, normalized)
+        if ready is not None:
+            pixels, kind = ready
+            encode = functools.partial(
+                self.encoders.images, normalize=normalize, pixels=kind
+            )
+            return self._batched(encode, variables, pixels, np.asarray)
+        if is_single_image(images):
             images = [images]
 
-        def batch(chunk):
-            if preprocessed:
-                return np.asarray(chunk)
-            return np.stack([self.preprocess(image) for image in chunk])
+        def encode(variables, pixels):
+            kind = "uint8" if pixels.dtype == jnp.uint8 else "unit"
+            return self.encoders.images(
+                variables, pixels, normalize=normalize, pixels=kind
+            )
 
-        encode = functools.partial(self.encoders.images, normalize=normalize)
-        return self._batched(encode, variables, images, batch)
+        return self._batched(encode, variables, images, self._preprocess_batch)
+
+    def _preprocess_batch(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """`preprocess` each image; uint8 unless one is float, then all float32 in
+        [0, 1] (uint8 / 255 joins them exactly as the device would compute it)."""
+        outputs = [self.preprocess(image) for image in images]
+        if all(out.dtype == np.uint8 for out in outputs):
+            return np.stack(outputs)
+        return np.stack(
+            [
+                out.astype(np.float32) / np.float32(255)
+                if out.dtype == np.uint8
+                else out
+                for out in outputs
+            ]
+        )
 
     def encode_text(
         self,
@@ -283,12 +272,6 @@ class InferenceModel:
         if "logit_bias" in params:
             return np.asarray(jax.nn.sigmoid(logits + np.float32(params["logit_bias"])))
         return np.asarray(jax.nn.softmax(logits, axis=-1))
-
-
-def _is_single_image(images: Any) -> bool:
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        return True
-    return isinstance(images, np.ndarray) and images.ndim in (2, 3)
 
 
 # ---------------------------------------------------------------------------

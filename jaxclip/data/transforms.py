@@ -43,9 +43,13 @@ def normalize_images(
     mean: tuple[float, float, float] = OPENAI_MEAN,
     std: tuple[float, float, float] = OPENAI_STD,
     dtype: jnp.dtype = jnp.float32,
+    scale: float = 255.0,
 ) -> jax.Array:
-    """uint8 [batch, H, W, 3] -> float (pixels / 255 - mean) / std, on the device."""
-    pixels = images.astype(jnp.float32) / 255.0
+    """uint8 [batch, H, W, 3] -> float (pixels / 255 - mean) / std, on the device.
+
+    `scale=1.0` takes float pixels in [0, 1] instead.
+    """
+    pixels = images.astype(jnp.float32) / scale
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     return ((pixels - mean) / std).astype(dtype)

@@ -137,8 +137,10 @@ class Encoders(NamedTuple):
     """Jitted encoders, float32 embeddings `[n, embed_dim]`, unit norm unless
     `normalize=False`:
 
-    - `images(variables, images_uint8, normalize=True)`: uint8 `[n, S, S, 3]`,
-      normalised on the device with the model's pixel mean and std;
+    - `images(variables, images, normalize=True, pixels="uint8")`: `[n, S, S, 3]`
+      pixels, normalised on the device with the model's mean and std: uint8
+      (`pixels="uint8"`), float in [0, 1] (`"unit"`), or already normalised
+      (`"normalized"`);
     - `texts(variables, tokens, normalize=True)`: int32 `[n, L]`.
     """
 
@@ -150,9 +152,13 @@ def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> E
     """The model's two encoders, jitted (see `Encoders`)."""
     mean, std = tuple(mean), tuple(std)
 
-    @functools.partial(jax.jit, static_argnames="normalize")
-    def encode_images(variables, images, normalize=True):
-        images = normalize_images(images, mean, std, model.dtype)
+    @functools.partial(jax.jit, static_argnames=("normalize", "pixels"))
+    def encode_images(variables, images, normalize=True, pixels="uint8"):
+        if pixels == "normalized":
+            images = images.astype(model.dtype)
+        else:
+            scale = 255.0 if pixels == "uint8" else 1.0
+            images = normalize_images(images, mean, std, model.dtype, scale)
         embeddings = model.apply(
             variables, images, normalize=normalize, method=model.encode_image
         )
