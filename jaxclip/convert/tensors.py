@@ -8,9 +8,13 @@ says how to turn it into a plain state dict where it is trusted.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,21 +27,78 @@ class UnsafeFileError(ValueError):
     """A weights file that only Python's pickle (or TorchScript) could read."""
 
 
+class CorruptFileError(ValueError):
+    """A weights file that is truncated, empty or not in the format its name says."""
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """{name: array} from a .safetensors file (no torch) or a weights-only torch file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path}")
     if path.endswith(SAFETENSORS_SUFFIXES):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
+        return _read_safetensors(path)
     if path.endswith(TORCH_SUFFIXES):
         return _read_torch(path)
+    if path.endswith(".ckpt"):
+        raise ValueError(
+            f"{path}: a .ckpt file is usually a PyTorch Lightning (or other trainer's) "
+            "checkpoint: the model's weights wrapped with the optimizer and trainer "
+            "state, which needs Python's pickle to read. jaxclip reads state dicts.\n"
+            + _RECIPE.replace(
+                "STATE_DICT", "torch.load(PATH, weights_only=False)['state_dict']"
+            )
+            + "(strip any prefix such as 'model.' from the keys to match OpenCLIP's)."
+        )
     raise ValueError(
         f"{path}: unknown weights format; expected one of "
         f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
     )
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A .safetensors file, its layout checked first so that a damaged file is named
+    with what is wrong rather than the reader's internal message."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    _check_safetensors_layout(path)
+    try:
+        return dict(load_file(path))
+    except SafetensorError as error:
+        raise CorruptFileError(
+            f"{path} is not a readable .safetensors file: {error}"
+        ) from None
+
+
+def _check_safetensors_layout(path: str) -> None:
+    """An 8-byte header length, a JSON header, and every tensor's bytes present."""
+    size = os.path.getsize(path)
+    what = f"{path} ({size:,} bytes) is not a valid .safetensors file"
+    if size < 8:
+        raise CorruptFileError(f"{what}: too short to hold the 8-byte header length")
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        if header_size > size - 8:
+            raise CorruptFileError(
+                f"{what}: its header claims {header_size:,} bytes but only "
+                f"{size - 8:,} follow (truncated, or not a safetensors file at all)"
+            )
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptFileError(f"{what}: its header is not JSON") from None
+    ends = [
+        entry["data_offsets"][1]
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    needed = 8 + header_size + max(ends, default=0)
+    if needed > size:
+        raise CorruptFileError(
+            f"{path} is truncated: its {len(ends)} tensors need {needed:,} bytes, "
+            f"the file has {size:,}"
+        )
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -90,14 +151,19 @@ def _load_weights_only(torch, path: str):
             warnings.filterwarnings("ignore", message=".*TorchScript archive")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        holds = f"a {found.group(1)} object" if found else "objects"
         raise UnsafeFileError(
-            f"{path} needs Python's pickle to load (it holds objects other than "
-            f"tensors, containers and numbers), and jaxclip reads torch files with "
-            f"torch.load(weights_only=True) only. torch said: {first_line}\n"
+            f"{path} holds {holds} besides tensors, containers and numbers, so only "
+            "Python's pickle can read it; jaxclip reads torch files with "
+            "torch.load(weights_only=True) only, which runs no code from the file.\n"
             + _RECIPE.replace("STATE_DICT", "torch.load(PATH, weights_only=False)")
-        ) from error
+        ) from None
+    except (EOFError, zipfile.BadZipFile) as error:
+        raise CorruptFileError(_not_a_torch_file(path, error)) from None
     except RuntimeError as error:
+        if "PytorchStreamReader" in str(error):
+            raise CorruptFileError(_not_a_torch_file(path, error)) from None
         if "TorchScript" not in str(error):
             raise
         raise UnsafeFileError(
@@ -110,6 +176,16 @@ def _load_weights_only(torch, path: str):
             + "or load OpenCLIP's safetensors copy of the OpenAI weights "
             "(e.g. hf-hub:timm/vit_base_patch32_clip_224.openai)."
         ) from error
+
+
+def _not_a_torch_file(path: str, error: BaseException) -> str:
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"{path} is empty (0 bytes): not a torch weights file"
+    return (
+        f"{path} ({size:,} bytes) is not a complete torch file: truncated or damaged "
+        f"(torch could not read its {'archive' if size > 64 else 'contents'})"
+    )
 
 
 def write_safetensors(
