@@ -10,7 +10,7 @@ import pytest
 
 from jaxclip import sharding
 from jaxclip.config import base_config
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import DataIterator, shapes_iterator
 from jaxclip.train.checkpoint import Checkpointer, abstract_like
 from jaxclip.train.loop import build_model, example_batch, train_and_evaluate
 from jaxclip.train.state import (
@@ -60,7 +60,7 @@ def run_steps(config, mesh, num_steps: int):
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
     size = model.config.vision.image_size
-    data = ShapesIterator(
+    data = shapes_iterator(
         config.seed, config.train.batch_size, size, model.config.text.context_length
     )
     history = []
@@ -223,17 +223,17 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
     train_and_evaluate(config, str(tmp_path / "straight"))
 
     # Crash while fetching the batch of step 5; the checkpoint of step 4 is complete.
-    original_next = ShapesIterator.__next__
+    original_next = DataIterator.__next__
 
     def crashing_next(self):
-        if self.index == 4:
+        if self.batches == 4:
             raise _Crash()
         return original_next(self)
 
-    monkeypatch.setattr(ShapesIterator, "__next__", crashing_next)
+    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
     with pytest.raises(_Crash):
         train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(ShapesIterator, "__next__", original_next)
+    monkeypatch.setattr(DataIterator, "__next__", original_next)
     assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
     train_and_evaluate(config, str(tmp_path / "resumed"))
 
