@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 
@@ -101,14 +102,14 @@ def make_train_iterator(
         for kind, path, _ in entries
     ]
     weights = [weight for _, _, weight in entries]
-    data = config.data
+    data, local_batch = config.data, config.train.batch_size // process_count
 
-    def dataset(start_batch: int = 0):
+    def dataset(start_batch: int = 0) -> grain.IterDataset:
         return build_dataset(
             sources,
             weights,
             seed=config.seed,
-            batch_size=config.train.batch_size // process_count,
+            batch_size=local_batch,
             transform=ImageTextTransform(
                 image_size, data.crop, tuple(data.crop_scale), data.max_image_pixels
             ),
@@ -120,7 +121,7 @@ def make_train_iterator(
             threads=data.threads,
             workers=data.workers,
             prefetch=data.prefetch,
-            start=start_batch * (config.train.batch_size // process_count),
+            start=start_batch * local_batch,
         )
 
     # One endless source is read in global order (see dataset.py).

@@ -1,5 +1,8 @@
 """Random-access sources of raw image-text records: tar shards, CSV/TSV, tfds, shapes.
 
+Also the readers the evaluation sets share: `read_csv_columns` (the one CSV parser),
+`tfds_info` and `open_tfds`, and `expand_paths` for the config's file checks.
+
 Each source has `len()` and `source[i]`, so grain can shuffle it globally and a
 resumed run can continue at any index. A record is a dict:
 
