@@ -161,14 +161,8 @@ class DataIterator:
     def _own_position(self, state: dict[str, Any]) -> dict[str, Any]:
         """This process's position in a state of any of the three forms."""
         if ("global" in state) != (self._restart is not None):
-            saved, now = (
-                ("global", "per-process")
-                if "global" in state
-                else (
-                    "per-process",
-                    "global",
-                )
-            )
+            orders = ["per-process", "global"]
+            saved, now = orders[::-1] if "global" in state else orders
             raise ValueError(
                 f"the checkpoint's data state is in {saved} order; this pipeline "
                 f"reads in {now} order, so it cannot resume the data exactly"
