@@ -29,12 +29,11 @@ from jaxclip.config_rules import (
     Rule,
     check_fields,
     is_number,
-    lookup,
     number,
     one_of,
 )
+from jaxclip.data.checks import DATA_SOURCES, validate_data_config
 from jaxclip.data.transforms import (
-    CROPS,
     DEFAULT_MAX_IMAGE_PIXELS,
     OPENAI_MEAN,
     OPENAI_STD,
@@ -171,7 +170,6 @@ def _distributed_fields() -> ml_collections.ConfigDict:
 
 # --- Field rules: the types, ranges and choices, checked by `check_fields`.
 
-DATA_SOURCES = ("shapes", "webdataset", "csv", "tfds", "digits", "mix")  # mix last
 BEST_MODES = ("max", "min")
 
 
@@ -289,99 +287,6 @@ def validate_evals_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def validate_data_config(config: ml_collections.ConfigDict) -> None:
-    """The data fields, and that every file they name exists (an error at start)."""
-    from jaxclip.data.tokenizer import TOKENIZERS
-
-    data = config.data
-    _check_choice(data.crop, "data.crop", CROPS)
-    _check_choice(data.tokenizer, "data.tokenizer", TOKENIZERS)
-    for field in ("data.threads", "data.workers", "data.prefetch"):
-        _non_negative_int(config, field)
-    _positive_int(config, "data.max_image_pixels")
-    low, high = (tuple(data.crop_scale) + (None, None))[:2]
-    if len(data.crop_scale) != 2 or not 0 < low <= high <= 1:
-        raise ConfigError(
-            f"data.crop_scale={tuple(data.crop_scale)!r} must be (low, high) with "
-            "0 < low <= high <= 1"
-        )
-    if data.tokenizer == "sentencepiece" and not os.path.isfile(data.tokenizer_model):
-        raise ConfigError(
-            f"data.tokenizer='sentencepiece' needs data.tokenizer_model, a "
-            f"SentencePiece .model file; {data.tokenizer_model!r} does not exist"
-        )
-    if data.source == "shapes":
-        return
-    if data.source == "mix":
-        entries = tuple(data.mix)
-        if not entries:
-            raise ConfigError(
-                "data.source='mix' needs data.mix=((source, path, weight), ...)"
-            )
-        for entry in entries:
-            if len(entry) != 3 or entry[0] not in DATA_SOURCES[:-1]:
-                raise ConfigError(
-                    f"data.mix entry {entry!r} must be (source, path, weight) with a "
-                    f"source in {list(DATA_SOURCES[:-1])}"
-                )
-            if not isinstance(entry[2], (int, float)) or not entry[2] > 0:
-                raise ConfigError(f"data.mix entry {entry!r}: the weight must be > 0")
-        for number, (kind, path, _) in enumerate(entries):
-            _check_data_path(
-                kind, path, config, f"data.mix[{number}]=({kind!r}, {path!r})"
-            )
-    else:
-        _check_data_path(data.source, data.path, config, f"data.source={data.source!r}")
-
-
-def _check_data_path(
-    kind: str, path: str, config: ml_collections.ConfigDict, field: str
-) -> None:
-    """Refuse a missing file now rather than in a worker after compiling."""
-    from jaxclip.data.sources import expand_paths
-
-    if kind == "shapes":
-        return
-    if kind == "digits":  # bundled with scikit-learn: no path, but the package
-        if importlib.util.find_spec("sklearn") is None:
-            raise ConfigError(
-                f"{field} needs scikit-learn, which is not installed: pip install "
-                "scikit-learn (or pip install 'jaxclip[digits]')"
-            )
-        return
-    if not path:
-        raise ConfigError(
-            f"{field} needs "
-            + ("a path (" if field.startswith("data.mix") else "data.path (")
-            + {
-                "webdataset": "tar shards: a list, a brace pattern or a directory",
-                "csv": "a CSV or TSV file",
-                "tfds": "a tfds dataset name, with data.tfds_data_dir",
-            }[kind]
-            + ")"
-        )
-    try:
-        if kind == "webdataset":
-            expand_paths(path, ".tar")
-        elif kind == "csv":
-            expand_paths(path, ".csv")
-        else:
-            _check_tfds_dir(path, config.data.tfds_data_dir)
-    except FileNotFoundError as e:
-        where = field if field.startswith("data.mix") else f"data.path={path!r}"
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _check_tfds_dir(name: str, data_dir: str) -> None:
-    """The prepared dataset's directory must exist (tfds names it data_dir/name)."""
-    if data_dir and not os.path.isdir(
-        os.path.join(data_dir, name.split(":")[0].split("/")[0])
-    ):
-        raise FileNotFoundError(
-            f"tfds dataset {name!r} is not prepared in data.tfds_data_dir={data_dir!r}"
-        )
-
-
 def check_workdir(workdir: str) -> None:
     """The workdir must exist or be creatable, and be writable."""
     if not workdir:
@@ -417,19 +322,3 @@ def load_beside(recipe_file: str, name: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# The data checks above say their rules through these until they move to the data
-# layer (which can use jaxclip.config_rules directly).
-
-
-def _check_choice(value, field: str, choices: tuple[str, ...]) -> None:
-    one_of(choices).check(field, value)
-
-
-def _positive_int(config: ml_collections.ConfigDict, field: str) -> None:
-    POSITIVE_INT.check(field, lookup(config, field))
-
-
-def _non_negative_int(config: ml_collections.ConfigDict, field: str) -> None:
-    NON_NEGATIVE_INT.check(field, lookup(config, field))

@@ -19,17 +19,17 @@ import time
 
 from orbax.checkpoint._src.path import atomicity
 
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import DataIterator
 
 
 def _slow_batches(seconds: float) -> None:
-    original_next = ShapesIterator.__next__
+    original_next = DataIterator.__next__
 
     def slow_next(self):
         time.sleep(seconds)
         return original_next(self)
 
-    ShapesIterator.__next__ = slow_next
+    DataIterator.__next__ = slow_next
 
 
 def _hold_save(step: int) -> None:

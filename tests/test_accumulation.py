@@ -9,7 +9,7 @@ import pytest
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models import CLIP
 from jaxclip.models.registry import get_model_config
@@ -21,7 +21,7 @@ BATCH = 32  # 4 per device on 8 devices, so k = 1, 2, 4 all divide it
 
 def batch_and_params(config, model):
     size = model.config.vision.image_size
-    data = ShapesIterator(0, BATCH, size, model.config.text.context_length)
+    data = shapes_iterator(0, BATCH, size, model.config.text.context_length)
     batch = next(data)
     images = normalize_images(
         jnp.asarray(batch["images"]), config.data.mean, config.data.std, jnp.float32

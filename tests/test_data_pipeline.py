@@ -20,8 +20,9 @@ from data_util import (
 from PIL import Image
 
 import jaxclip
+from jaxclip.data import shapes
 from jaxclip.data.pipeline import DataIterator, build_dataset, checkpoint_state
-from jaxclip.data.sources import CsvSource, TarShardSource
+from jaxclip.data.sources import CsvSource, ShapesSource, TarShardSource
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTextTransform
 
@@ -340,3 +341,76 @@ def test_crops_differ_between_epochs_and_repeat_between_runs(tmp_path):
         assert not np.array_equal(epoch_1, epoch_2), key  # a new random square
         np.testing.assert_array_equal(epoch_1, again[key][0])
         np.testing.assert_array_equal(epoch_2, again[key][1])
+
+
+def shapes_pipeline(process_index: int, process_count: int, batch_size: int = 8):
+    """data.source='shapes' as make_train_iterator builds it, for one process."""
+    local = batch_size // process_count
+    sources = [ShapesSource(3, IMAGE_SIZE, batch_size)]
+
+    def dataset(start_batch=0):
+        return build_dataset(
+            sources,
+            None,
+            seed=3,
+            batch_size=local,
+            transform=ImageTextTransform(IMAGE_SIZE),
+            tokenizer=TokenizerSpec(),
+            context_length=CONTEXT,
+            process_index=process_index,
+            process_count=process_count,
+            threads=2,
+            prefetch=1,
+            start=start_batch * local,
+        )
+
+    return DataIterator(
+        dataset(),
+        "shapes",
+        {"seed": 3},
+        process_index,
+        process_count,
+        restart=dataset,
+    )
+
+
+def test_shapes_batches_are_the_same_on_any_number_of_processes():
+    """Global batch k is shapes.draw_batch(seed, k, B), whatever the process count;
+    each process holds its rows, and the state is the batch count alone."""
+    want = [shapes.draw_batch(3, k, 8, IMAGE_SIZE) for k in range(3)]
+    for count in (1, 2, 4):
+        iterators = [shapes_pipeline(p, count) for p in range(count)]
+        for k in range(3):
+            rows = [next(iterator) for iterator in iterators]
+            images = np.concatenate([row["images"] for row in rows])
+            np.testing.assert_array_equal(images, want[k]["images"])
+            tokens = np.concatenate([row["tokens"] for row in rows])
+            expected = TokenizerSpec()(want[k]["captions"], CONTEXT)
+            np.testing.assert_array_equal(tokens, expected)
+        states = [checkpoint_state(iterator.get_state()) for iterator in iterators]
+        assert states == [{"source": "shapes", "global": states[0]["global"]}] * count
+        assert states[0]["global"]["batches"] == 3
+        for iterator in iterators:
+            iterator.close()
+
+
+def test_shapes_resume_exactly_on_another_process_count():
+    single = shapes_pipeline(0, 1)
+    take(single, 2)
+    state = checkpoint_state(single.get_state())
+    expected = next(single)["images"]
+    single.close()
+    halves = [shapes_pipeline(p, 2) for p in (0, 1)]
+    for half in halves:
+        half.set_state(json.loads(json.dumps(state)))
+        assert half.batches == 2
+    images = np.concatenate([next(half)["images"] for half in halves])
+    np.testing.assert_array_equal(images, expected)
+    per_process = {"source": "shapes", "processes": [state["global"]]}
+    with pytest.raises(ValueError, match="per-process order; this pipeline reads in"):
+        halves[0].set_state(per_process)
+    with pytest.raises(ValueError, match="seed: saved 4, now 3"):
+        changed = {**state["global"], "fingerprint": {"seed": 4}}
+        halves[0].set_state({"source": "shapes", "global": changed})
+    for half in halves:
+        half.close()

@@ -119,12 +119,14 @@ def test_csv_errors_name_the_file_and_column(tmp_path):
 
 
 def test_shapes_source_draws_the_shapes_data():
-    source = ShapesSource(seed=3, image_size=32)
-    for index in (0, 5):
-        drawn = shapes.draw_batch(3, index, 1, 32)
-        record = source[index]
-        np.testing.assert_array_equal(record["image"], drawn["images"][0])
-        assert record["caption"] == drawn["captions"][0]
+    for block_size in (1, 4):
+        source = ShapesSource(seed=3, image_size=32, block_size=block_size)
+        for index in (0, 5, 6):
+            block, row = divmod(index, block_size)
+            drawn = shapes.draw_batch(3, block, block_size, 32)
+            record = source[index]
+            np.testing.assert_array_equal(record["image"], drawn["images"][row])
+            assert record["caption"] == drawn["captions"][row]
 
 
 def test_tar_source_splits_shards_between_processes(tmp_path):

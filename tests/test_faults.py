@@ -21,7 +21,7 @@ import pytest
 from config_util import recipe
 
 from jaxclip import sharding
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import DataIterator, shapes_iterator
 from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train import step as step_module
 from jaxclip.train.checkpoint import Checkpointer
@@ -244,16 +244,16 @@ def _nan_for_white_batches(images, *args, **kwargs):
 
 def _white_batches_at(monkeypatch, indices: set[int]) -> None:
     """Make the shapes batches with these indices (0-based) all white."""
-    original_next = ShapesIterator.__next__
+    original_next = DataIterator.__next__
 
     def next_batch(self):
-        index = self.index
+        index = self.batches
         batch = original_next(self)
         if index in indices:
             batch = {**batch, "images": np.full_like(batch["images"], 255)}
         return batch
 
-    monkeypatch.setattr(ShapesIterator, "__next__", next_batch)
+    monkeypatch.setattr(DataIterator, "__next__", next_batch)
     monkeypatch.setattr(step_module, "normalize_images", _nan_for_white_batches)
 
 
@@ -267,7 +267,7 @@ def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
     size = model.config.vision.image_size
-    data = ShapesIterator(0, 16, size, model.config.text.context_length)
+    data = shapes_iterator(0, 16, size, model.config.text.context_length)
     with sharding.use_mesh(mesh):
         state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
         assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0

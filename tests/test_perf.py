@@ -13,7 +13,7 @@ import pytest
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, base_config, validate_config
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.models import CLIP, get_model_config
 from jaxclip.models.layers import (
     REMAT_POLICIES,
@@ -188,8 +188,8 @@ def test_analytic_counts_match_published_sizes():
 
 def test_prefetcher_keeps_the_consumed_state():
     mesh = sharding.make_mesh((8, 1, 1))
-    plain = ShapesIterator(0, 8, 32, 16)
-    prefetched = DevicePrefetcher(ShapesIterator(0, 8, 32, 16), mesh, size=2)
+    plain = shapes_iterator(0, 8, 32, 16)
+    prefetched = DevicePrefetcher(shapes_iterator(0, 8, 32, 16), mesh, size=2)
     for _ in range(3):
         want = next(plain)
         got = next(prefetched)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxclip import sharding
 from jaxclip.config import base_config
-from jaxclip.data.pipeline import ShapesIterator
+from jaxclip.data.pipeline import DataIterator, shapes_iterator
 from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train.checkpoint import Checkpointer, abstract_like
 from jaxclip.train.loop import train_and_evaluate
@@ -59,7 +59,7 @@ def run_steps(config, mesh, num_steps: int):
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
     size = model.config.vision.image_size
-    data = ShapesIterator(
+    data = shapes_iterator(
         config.seed, config.train.batch_size, size, model.config.text.context_length
     )
     history = []
@@ -220,17 +220,17 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
     train_and_evaluate(config, str(tmp_path / "straight"))
 
     # Crash while fetching the batch of step 5; the checkpoint of step 4 is complete.
-    original_next = ShapesIterator.__next__
+    original_next = DataIterator.__next__
 
     def crashing_next(self):
-        if self.index == 4:
+        if self.batches == 4:
             raise _Crash()
         return original_next(self)
 
-    monkeypatch.setattr(ShapesIterator, "__next__", crashing_next)
+    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
     with pytest.raises(_Crash):
         train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(ShapesIterator, "__next__", original_next)
+    monkeypatch.setattr(DataIterator, "__next__", original_next)
     assert Checkpointer(str(tmp_path / "resumed" / "checkpoints")).latest_step() == 4
     train_and_evaluate(config, str(tmp_path / "resumed"))
 
@@ -249,7 +249,9 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
         return jax.device_get(state.params), data_state
 
     (a, data_a), (b, data_b) = final_params("straight"), final_params("resumed")
-    assert data_a == data_b == {"source": "shapes", "seed": 0, "index": 6}
+    assert data_a == data_b
+    assert data_a["source"] == "shapes" and data_a["global"]["batches"] == 6
+    assert data_a["global"]["fingerprint"]["seed"] == 0
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

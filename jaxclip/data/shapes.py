@@ -173,19 +173,7 @@ def _draw(
     centre = ((POSITION_CENTRE[position] + centre_jitter) * image_size).astype(
         np.float32
     )
-    pixel = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
-    dx = pixel[None, None, :] - centre[:, 0, None, None]  # [b, 1, W]
-    dy = pixel[None, :, None] - centre[:, 1, None, None]  # [b, H, 1]
-    distance = np.empty((batch, image_size, image_size), np.float32)
-    for shape_id, signed_distance in enumerate(_SIGNED_DISTANCE):
-        members = shape == shape_id
-        if members.any():
-            distance[members] = signed_distance(
-                dx[members], dy[members], radius[members, None, None]
-            )
-    # Pixel coverage from the signed distance: anti-aliased edges keep small
-    # triangles and crosses recognisable at 32 px.
-    alpha = np.clip(0.5 - distance, 0.0, 1.0)  # [b, H, W]
+    alpha = _coverage(shape, radius, centre, image_size)  # [b, H, W]
 
     # + 0.5 rounds, because the uint8 cast at the end truncates.
     background = (grey + tint + 0.5).astype(np.float32)  # [b, 3]
@@ -212,3 +200,24 @@ def _draw(
         "colour": colour.astype(np.int32),
         "label": (shape * len(COLOURS) + colour).astype(np.int32),
     }
+
+
+def _coverage(
+    shape: np.ndarray, radius: np.ndarray, centre: np.ndarray, image_size: int
+) -> np.ndarray:
+    """Each pixel's coverage by its image's shape, float32 [b, H, W] in [0, 1], from
+    shape ids [b], radii [b] and centres (x, y) [b, 2] in pixels."""
+    batch = len(shape)
+    pixel = np.arange(image_size, dtype=np.float32) + 0.5  # pixel centres
+    dx = pixel[None, None, :] - centre[:, 0, None, None]  # [b, 1, W]
+    dy = pixel[None, :, None] - centre[:, 1, None, None]  # [b, H, 1]
+    distance = np.empty((batch, image_size, image_size), np.float32)
+    for shape_id, signed_distance in enumerate(_SIGNED_DISTANCE):
+        members = shape == shape_id
+        if members.any():
+            distance[members] = signed_distance(
+                dx[members], dy[members], radius[members, None, None]
+            )
+    # Pixel coverage from the signed distance: anti-aliased edges keep small
+    # triangles and crosses recognisable at 32 px.
+    return np.clip(0.5 - distance, 0.0, 1.0)

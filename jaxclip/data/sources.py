@@ -1,5 +1,8 @@
 """Random-access sources of raw image-text records: tar shards, CSV/TSV, tfds, shapes.
 
+Also the readers the evaluation sets share: `read_csv_columns` (the one CSV parser),
+`tfds_info` and `open_tfds`, and `expand_paths` for the config's file checks.
+
 Each source has `len()` and `source[i]`, so grain can shuffle it globally and a
 resumed run can continue at any index. A record is a dict:
 
@@ -14,11 +17,13 @@ and the message names it; a bad sample inside a file is a record with a reason.
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import os
 import re
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -35,6 +40,9 @@ __all__ = [
     "TarShardSource",
     "TfdsSource",
     "expand_paths",
+    "open_tfds",
+    "read_csv_columns",
+    "tfds_info",
 ]
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -98,6 +106,35 @@ def expand_paths(spec: str | Sequence[str], suffix: str = ".tar") -> list[str]:
             f"{len(missing)} of {len(paths)} data files do not exist: {shown}{more}"
         )
     return paths
+
+
+def read_csv_columns(
+    path: str, columns: Sequence[str], separator: str = ""
+) -> list[tuple[str | None, ...]]:
+    """The named columns of every non-empty row of a CSV/TSV file, in file order; a
+    cell that a short row lacks is None. The separator is a tab for `.tsv` files and
+    a comma otherwise, unless given. FileNotFoundError or ValueError (an empty file,
+    a missing column) name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CSV file {path!r} does not exist")
+    separator = separator or ("\t" if path.lower().endswith(".tsv") else ",")
+    # surrogateescape keeps bytes that are not UTF-8, so one bad caption is a
+    # counted bad sample instead of an error for the whole file.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter=separator)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"CSV file {path!r} is empty")
+        missing = [name for name in columns if name not in header]
+        if missing:
+            raise ValueError(
+                f"CSV file {path!r} has no column {missing[0]!r}; its columns are "
+                f"{header} (separator {separator!r})"
+            )
+        at = [header.index(name) for name in columns]
+        return [
+            tuple(row[i] if i < len(row) else None for i in at) for row in reader if row
+        ]
 
 
 def _error(key: str, reason: str) -> dict[str, Any]:
@@ -205,32 +242,11 @@ class CsvSource:
                 "data.source='mix' to read several)"
             )
         (path,) = paths
-        separator = separator or ("\t" if path.lower().endswith(".tsv") else ",")
         self.path = path
         self.root = os.path.dirname(os.path.abspath(path))
-        # surrogateescape keeps bytes that are not UTF-8, so one bad caption is a
-        # counted bad sample instead of an error for the whole file.
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f, delimiter=separator)
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"CSV file {path!r} is empty")
-            columns = {}
-            for name in (image_column, caption_column):
-                if name not in header:
-                    raise ValueError(
-                        f"CSV file {path!r} has no column {name!r}; its columns are "
-                        f"{header} (separator {separator!r})"
-                    )
-                columns[name] = header.index(name)
-            image_at, caption_at = columns[image_column], columns[caption_column]
-            self.images: list[str] = []
-            self.captions: list[str | None] = []
-            for row in reader:
-                if not row:
-                    continue
-                self.images.append(row[image_at] if image_at < len(row) else "")
-                self.captions.append(row[caption_at] if caption_at < len(row) else None)
+        rows = read_csv_columns(path, (image_column, caption_column), separator)
+        self.images: list[str] = [image or "" for image, _ in rows]
+        self.captions: list[str | None] = [caption for _, caption in rows]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -344,26 +360,66 @@ def _as_text(value: Any) -> str:
 
 
 class ShapesSource:
-    """The built-in coloured shapes, one drawn per index: an endless stream.
+    """The built-in coloured shapes: an endless stream drawn a block at a time.
 
-    The batch pipeline for `data.source='shapes'` draws whole batches at once
-    (`pipeline.ShapesIterator`); this per-sample form lets the shapes be mixed with
-    other sources.
+    Sample i is row `i % block_size` of `shapes.draw_batch(seed, i // block_size,
+    block_size)`: NumPy draws a block of shapes far faster per sample than one at a
+    time, so the last few blocks are kept for the pipeline's threads to share.
     """
 
     infinite = True
 
-    def __init__(self, seed: int, image_size: int):
-        self.seed, self.image_size = seed, image_size
+    def __init__(self, seed: int, image_size: int, block_size: int = 1):
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size}; expected >= 1")
+        self.seed, self.image_size, self.block_size = seed, image_size, block_size
+        self.__setstate__(self.__dict__)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            name: getattr(self, name) for name in ("seed", "image_size", "block_size")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._blocks: collections.OrderedDict[int, futures.Future] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return sys.maxsize
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        drawn = shapes.draw_batch(self.seed, index, 1, self.image_size)
+        block, row = divmod(index, self.block_size)
+        drawn = self._block(block)
         return {
             "key": f"shapes:{self.seed}:{index}",
-            "image": drawn["images"][0],
-            "caption": drawn["captions"][0],
+            "image": drawn["images"][row],
+            "caption": drawn["captions"][row],
             "error": None,
         }
+
+    def _block(self, block: int) -> dict[str, Any]:
+        """Block `block`, drawn once: the first thread to ask draws, others wait."""
+        with self._lock:
+            drawn = self._blocks.get(block)
+            first = drawn is None
+            if first:
+                drawn = self._blocks[block] = futures.Future()
+                while len(self._blocks) > _SHAPES_BLOCKS_KEPT:
+                    self._blocks.popitem(last=False)
+        if first:
+            try:
+                result = shapes.draw_batch(
+                    self.seed, block, self.block_size, self.image_size
+                )
+            except BaseException as error:
+                drawn.set_exception(error)
+                raise
+            drawn.set_result(result)
+        return drawn.result()
+
+
+# Blocks in flight at once: prefetching reads about two batches ahead.
+_SHAPES_BLOCKS_KEPT = 4

@@ -169,19 +169,7 @@ def index_tar(path: str) -> ShardIndex:
     if broken is not None and members and members[-1][1] + members[-1][2] > file_size:
         broken_key = (split_key(members[-1][0]) or (members[-1][0],))[0]
         members = members[:-1]  # its data is cut off
-    samples: list[list] = []  # [key, image_offset, image_size, cap_offset, cap_size]
-    for name, data_offset, size, is_file in members:
-        parts = split_key(name) if is_file else None
-        if parts is None:
-            continue
-        key, extension = parts
-        if not samples or samples[-1][0] != key:
-            _start_sample(samples, key)
-        sample = samples[-1]
-        if extension in IMAGE_EXTENSIONS and sample[1] < 0:
-            sample[1:3] = data_offset, size
-        elif extension == CAPTION_EXTENSION and sample[3] < 0:
-            sample[3:5] = data_offset, size
+    samples = _group_by_key(members)
     problem = np.full(len(samples), NO_PROBLEM, np.int8)
     for row, (_, image_offset, _, caption_offset, _) in enumerate(samples):
         if image_offset < 0:
@@ -201,6 +189,31 @@ def index_tar(path: str) -> ShardIndex:
             _start_sample(samples, broken_key)
             problem = np.append(problem, np.int8(NO_PROBLEM))
         problem[-1] = BAD_REASONS.index("truncated_tar")
+    return _shard_index(path, samples, problem)
+
+
+def _group_by_key(members: list) -> list[list]:
+    """[key, image_offset, image_size, caption_offset, caption_size] per sample,
+    from the file members (name, data offset, size, is_file) in tar order; a
+    missing member's offset is -1."""
+    samples: list[list] = []
+    for name, data_offset, size, is_file in members:
+        parts = split_key(name) if is_file else None
+        if parts is None:
+            continue
+        key, extension = parts
+        if not samples or samples[-1][0] != key:
+            _start_sample(samples, key)
+        sample = samples[-1]
+        if extension in IMAGE_EXTENSIONS and sample[1] < 0:
+            sample[1:3] = data_offset, size
+        elif extension == CAPTION_EXTENSION and sample[3] < 0:
+            sample[3:5] = data_offset, size
+    return samples
+
+
+def _shard_index(path: str, samples: list[list], problem: np.ndarray) -> ShardIndex:
+    """The shard's index: `samples`' columns as arrays."""
     columns = list(zip(*samples)) if samples else [[]] * 5
     return ShardIndex(
         path=path,

@@ -109,6 +109,23 @@ class BadImage(Exception):
         self.reason = reason
 
 
+def crop_box(
+    crop: str,
+    width: int,
+    height: int,
+    rng: np.random.Generator | None = None,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+) -> Box:
+    """The box that `crop` (one of CROPS) takes from a width x height image."""
+    if crop == "random_square":
+        return random_square_box(width, height, rng)
+    if crop == "random_resized":
+        return random_resized_box(width, height, rng, crop_scale)
+    if crop == "center":
+        return center_box(width, height)
+    raise ValueError(f"crop={crop!r}; expected one of {list(CROPS)}")
+
+
 def decode_crop_resize(
     data: bytes | np.ndarray,
     size: int,
@@ -122,46 +139,25 @@ def decode_crop_resize(
     Raises BadImage('not_an_image' | 'decompression_bomb' | 'corrupt_image').
     """
     if isinstance(data, np.ndarray):
-        image = Image.fromarray(data)
+        image, (height, width) = None, data.shape[:2]
     else:
-        try:
-            image = Image.open(io.BytesIO(data))  # reads the header only
-        except Image.DecompressionBombError:
-            raise BadImage("decompression_bomb") from None
-        except Exception:  # UnidentifiedImageError, or a header PIL chokes on
-            raise BadImage("not_an_image") from None
-    width, height = image.size
+        image = _open(data)
+        width, height = image.size
     if width * height > max_image_pixels:
         raise BadImage("decompression_bomb")
     if width < 1 or height < 1:
         raise BadImage("corrupt_image")
-    if crop == "random_square":
-        box = random_square_box(width, height, rng)
-    elif crop == "random_resized":
-        box = random_resized_box(width, height, rng, crop_scale)
-    elif crop == "center":
-        box = center_box(width, height)
-    else:
-        raise ValueError(f"crop={crop!r}; expected one of {list(CROPS)}")
+    box = crop_box(crop, width, height, rng, crop_scale)
+    if image is None:
+        already = data.shape == (size, size, 3) and data.dtype == np.uint8
+        if already and box == (0, 0, size, size):
+            return data  # already the output (the drawn shapes): nothing to do
+        image = Image.fromarray(data)
     if box == (0, 0, size, size) and image.size == (size, size) and image.mode == "RGB":
         return np.asarray(image)  # already the output: nothing to resample
     try:
         if image.format == "JPEG":
-            # Draft mode decodes at 1/2, 1/4 or 1/8 scale (in the DCT), which PIL
-            # only picks while the result stays at least the requested size: ask
-            # for the size at which the crop box still covers `size` pixels.
-            scale = size / min(box[2] - box[0], box[3] - box[1])
-            if scale < 1:
-                image.draft(
-                    "RGB", (math.ceil(width * scale), math.ceil(height * scale))
-                )
-                scale_x, scale_y = image.size[0] / width, image.size[1] / height
-                box = (
-                    box[0] * scale_x,
-                    box[1] * scale_y,
-                    min(box[2] * scale_x, image.size[0]),
-                    min(box[3] * scale_y, image.size[1]),
-                )
+            box = _draft(image, box, size)
         if image.mode != "RGB":
             image = image.convert("RGB")  # grey, palette, CMYK; alpha is dropped
         resized = image.resize(
@@ -172,6 +168,37 @@ def decode_crop_resize(
         raise BadImage("decompression_bomb") from None
     except Exception:  # truncated data, broken streams: PIL raises many types
         raise BadImage("corrupt_image") from None
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image's header, read (BadImage if it is not an image or a bomb)."""
+    try:
+        return Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise BadImage("decompression_bomb") from None
+    except Exception:  # UnidentifiedImageError, or a header PIL chokes on
+        raise BadImage("not_an_image") from None
+
+
+def _draft(image: Image.Image, box: Box, size: int) -> Box:
+    """Set a JPEG to decode at a reduced DCT scale; returns `box` at that scale.
+
+    Draft mode decodes at 1/2, 1/4 or 1/8 scale, which PIL only picks while the
+    result stays at least the requested size: ask for the size at which the crop box
+    still covers `size` pixels.
+    """
+    width, height = image.size
+    scale = size / min(box[2] - box[0], box[3] - box[1])
+    if scale >= 1:
+        return box
+    image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    scale_x, scale_y = image.size[0] / width, image.size[1] / height
+    return (
+        box[0] * scale_x,
+        box[1] * scale_y,
+        min(box[2] * scale_x, image.size[0]),
+        min(box[3] * scale_y, image.size[1]),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,129 @@
+"""The data section of the config, checked at start: the choices the data layer
+offers (`DATA_SOURCES`, crops, tokenizers), the settings' ranges, and that every file
+the config names exists, so that nothing fails in a worker after compiling.
+
+`config.validate_config` calls `validate_data_config`; errors are
+`config_rules.ConfigError`, naming the field, and the types and ranges are
+`config_rules` rules like every other section's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from jaxclip.config_rules import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    ConfigError,
+    check_fields,
+    one_of,
+)
+from jaxclip.data.transforms import CROPS
+
+__all__ = ["DATA_SOURCES", "MIXABLE_SOURCES", "validate_data_config"]
+
+# One source each; `pipeline.open_source` opens them.
+MIXABLE_SOURCES: tuple[str, ...] = ("shapes", "webdataset", "csv", "tfds", "digits")
+# What data.source may name: one source, or 'mix' (data.mix's weighted sources).
+DATA_SOURCES: tuple[str, ...] = (*MIXABLE_SOURCES, "mix")
+
+# What data.path names for each source that reads files.
+_PATH_MEANS = {
+    "webdataset": "tar shards: a list, a brace pattern or a directory",
+    "csv": "a CSV or TSV file",
+    "tfds": "a tfds dataset name, with data.tfds_data_dir",
+}
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+    """The data fields, and that every file they name exists (an error at start)."""
+    from jaxclip.data.tokenizer import TOKENIZERS
+
+    data = config.data
+    rules = {
+        "crop": one_of(CROPS),
+        "tokenizer": one_of(TOKENIZERS),
+        "threads": NON_NEGATIVE_INT,
+        "workers": NON_NEGATIVE_INT,
+        "prefetch": NON_NEGATIVE_INT,
+        "max_image_pixels": POSITIVE_INT,
+    }
+    check_fields(data, rules, prefix="data.")
+    low, high = (tuple(data.crop_scale) + (None, None))[:2]
+    if len(data.crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ConfigError(
+            f"data.crop_scale={tuple(data.crop_scale)!r} must be (low, high) with "
+            "0 < low <= high <= 1"
+        )
+    if data.tokenizer == "sentencepiece" and not os.path.isfile(data.tokenizer_model):
+        raise ConfigError(
+            f"data.tokenizer='sentencepiece' needs data.tokenizer_model, a "
+            f"SentencePiece .model file; {data.tokenizer_model!r} does not exist"
+        )
+    if data.source == "mix":
+        _check_mix(config)
+    else:
+        check_data_path(data.source, data.path, config, f"data.source={data.source!r}")
+
+
+def _check_mix(config: ml_collections.ConfigDict) -> None:
+    entries = tuple(config.data.mix)
+    if not entries:
+        raise ConfigError(
+            "data.source='mix' needs data.mix=((source, path, weight), ...)"
+        )
+    for entry in entries:
+        if len(entry) != 3 or entry[0] not in MIXABLE_SOURCES:
+            raise ConfigError(
+                f"data.mix entry {entry!r} must be (source, path, weight) with a "
+                f"source in {list(MIXABLE_SOURCES)}"
+            )
+        if not isinstance(entry[2], (int, float)) or not entry[2] > 0:
+            raise ConfigError(f"data.mix entry {entry!r}: the weight must be > 0")
+    for number, (kind, path, _) in enumerate(entries):
+        check_data_path(kind, path, config, f"data.mix[{number}]=({kind!r}, {path!r})")
+
+
+def check_data_path(
+    kind: str, path: str, config: ml_collections.ConfigDict, field: str
+) -> None:
+    """Refuse a missing file of source `kind` now rather than in a worker after
+    compiling; `field` names where the config gives it."""
+    from jaxclip.data.sources import expand_paths
+
+    if kind == "shapes":
+        return
+    if kind == "digits":  # bundled with scikit-learn: no path, but the package
+        if importlib.util.find_spec("sklearn") is None:
+            raise ConfigError(
+                f"{field} needs scikit-learn, which is not installed: pip install "
+                "scikit-learn (or pip install 'jaxclip[digits]')"
+            )
+        return
+    in_mix = field.startswith("data.mix")
+    if not path:
+        needs = "a path" if in_mix else "data.path"
+        raise ConfigError(f"{field} needs {needs} ({_PATH_MEANS[kind]})")
+    try:
+        if kind == "webdataset":
+            expand_paths(path, ".tar")
+        elif kind == "csv":
+            expand_paths(path, ".csv")
+        else:
+            check_tfds_dir(path, config.data.tfds_data_dir)
+    except FileNotFoundError as e:
+        where = field if in_mix else f"data.path={path!r}"
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_tfds_dir(name: str, data_dir: str) -> None:
+    """The prepared dataset's directory must exist (tfds names it data_dir/name)."""
+    if data_dir and not os.path.isdir(
+        os.path.join(data_dir, name.split(":")[0].split("/")[0])
+    ):
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in data.tfds_data_dir={data_dir!r}"
+        )
