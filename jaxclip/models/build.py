@@ -106,20 +106,36 @@ def example_inputs(model: CLIP, batch_size: int = 1) -> tuple[jax.Array, jax.Arr
     )
 
 
+def strip_axis_metadata(tree: Any) -> Any:
+    """The arrays (or shapes) of a tree whose leaves carry logical-axis metadata.
+
+    Unlike `nn.meta.unbox` it adds no sharding constraint, which outside a jitted
+    function (on shapes, or under `sharding.use_mesh`) would fail or copy."""
+
+    def strip(leaf: Any) -> Any:
+        return leaf.unbox(apply_constraint=False) if is_boxed(leaf) else leaf
+
+    def is_boxed(leaf: Any) -> bool:
+        return isinstance(leaf, nn.Partitioned)
+
+    return jax.tree.map(strip, tree, is_leaf=is_boxed)
+
+
 def init_variables(model: CLIP, rng: jax.Array) -> dict:
     """Fresh variables (`params`, and `batch_stats` for ResNets), unboxed."""
-    return nn.meta.unbox(jax.jit(model.init)(rng, *example_inputs(model)))
+    return strip_axis_metadata(jax.jit(model.init)(rng, *example_inputs(model)))
 
 
 def abstract_variables(model: CLIP) -> dict:
     """The variables' shapes and dtypes (`jax.eval_shape`: nothing is allocated)."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model))
-    return nn.meta.unbox(shapes)
+    return strip_axis_metadata(shapes)
 
 
 def count_params(params: Any) -> int:
     """Number of scalars in a (possibly abstract or boxed) parameter tree."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params)))
+    leaves = jax.tree.leaves(strip_axis_metadata(params))
+    return sum(math.prod(x.shape) for x in leaves)
 
 
 def parameter_counts(model: CLIP) -> dict[str, int]:

@@ -15,7 +15,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from jaxclip import sharding
-from jaxclip.models.build import example_inputs
+from jaxclip.models.build import example_inputs, strip_axis_metadata
 from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
 
 # Only weight matrices decay: not gains, biases, embeddings or the temperature.
@@ -112,7 +112,7 @@ def abstract_train_state(
     shardings = sharding.logical_to_shardings(abstract, mesh)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(abstract),
+        strip_axis_metadata(abstract),
         shardings,
     )
     return abstract, shardings
