@@ -281,10 +281,32 @@ def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
         assert report["results"][name] == final[name], name
     assert f"digits/top1: {final['digits/top1']:.4f}" in evaluate.stdout
 
+    # Without --config: the run's own config (its overrides included), still
+    # overridable, plus an evaluator added from the command line.
+    output = tmp_path / "own" / "results.json"
+    own = run_module(
+        "jaxclip.evaluate",
+        f"--checkpoint={workdir}",
+        f"--output={output}",
+        "--evals=digits,extra",
+        "--config.mesh.shape=(4,2,1)",
+        "--config.evals.extra.kind=zeroshot",
+        "--config.evals.extra.dataset=digits",
+        "--config.evals.extra.num_examples=40",
+    )
+    assert own.returncode == 0, own.stderr[-3000:]
+    assert "_CHECKPOINT_METADATA" not in own.stderr
+    results = json.loads(output.read_text())["results"]
+    assert results["digits/top1"] == final["digits/top1"]
+    assert results["extra/top1"] == final["digits/top1"]  # the same set and prompts
+
     missing = run_module(
         "jaxclip.evaluate", "--config=configs/digits.py", f"--checkpoint={tmp_path}/x"
     )
     assert missing.returncode == 2 and "error:" in missing.stderr
+    no_config = run_module("jaxclip.evaluate", f"--checkpoint={tmp_path}/x")
+    assert no_config.returncode != 0
+    assert "--config is required" in no_config.stderr
 
 
 def _retrieval_reference(image_emb, text_emb, text_to_image, k):

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxclip.models.build import abstract_variables, create_model
 from jaxclip.models.registry import ModelConfig, get_model_config
@@ -80,15 +81,18 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     restore_args = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target
     )
-    checkpointer = ocp.PyTreeCheckpointer()
+    # The handler, not a Checkpointer: a Checkpointer reads a step's
+    # _CHECKPOINT_METADATA from the item directory it is given and warns that it is
+    # missing (jaxclip's steps hold it one level up, beside state, data and config).
+    handler = ocp.PyTreeCheckpointHandler()
     state_dir = os.path.join(step_dir, "state")
-    _check_shapes(checkpointer, state_dir, target, name)
+    _check_shapes(handler, state_dir, target, name)
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # orbax logs INFO/WARNING lines on every read
     try:
-        variables = checkpointer.restore(
-            state_dir,
+        variables = handler.restore(
+            epath.Path(state_dir),
             args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True
             ),
@@ -107,14 +111,24 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     )
 
 
+def run_config(path: str) -> Any:
+    """The config a jaxclip run saved with its newest checkpoint (an
+    `ml_collections.ConfigDict`), or None when `path` is not a jaxclip run."""
+    import ml_collections
+
+    step_dir = find_step_dir(path)
+    if step_dir is None or not os.path.isdir(os.path.join(step_dir, "config")):
+        return None
+    return ml_collections.ConfigDict(_read_json(os.path.join(step_dir, "config")))
+
+
 def _read_json(item_dir: str) -> Any:
-    checkpointer = ocp.Checkpointer(ocp.JsonCheckpointHandler())
-    return checkpointer.restore(item_dir)
+    return ocp.JsonCheckpointHandler().restore(epath.Path(item_dir))
 
 
-def _check_shapes(checkpointer: Any, state_dir: str, target: dict, name: str) -> None:
+def _check_shapes(handler: Any, state_dir: str, target: dict, name: str) -> None:
     """A clear error when the saved arrays do not fit `name`'s architecture."""
-    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    saved = handler.metadata(epath.Path(state_dir)).tree
     expected = {
         jax.tree_util.keystr(path): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_leaves_with_path(target)

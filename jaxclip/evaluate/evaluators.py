@@ -34,6 +34,7 @@ image root).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -71,6 +72,8 @@ DATASETS_BY_KIND = {
 KINDS = tuple(DATASETS_BY_KIND)
 
 # Every field of an entry with its default (`spec` fills in the rest).
+LIST_FIELDS = ("classnames", "templates")  # spec() takes lists for these
+
 _DEFAULTS = {
     "kind": "zeroshot",  # zeroshot | retrieval | linear_probe
     "dataset": "shapes",  # shapes | digits | tfds | folder | csv | karpathy
@@ -87,7 +90,8 @@ _DEFAULTS = {
     "label_column": "label",
     "caption_column": "title",
     # zeroshot: class names and prompts: "" (the dataset's own), a packaged set
-    # (imagenet, cifar10, cifar100; templates also 'simple') or a file
+    # (imagenet, cifar10, cifar100; templates also 'simple'), a list (held as JSON
+    # text), or a file: one entry per line, or .json with a list
     "classnames": "",
     "templates": "",
     # linear_probe: what the probe is fit on: this split (tfds, digits), or for
@@ -116,6 +120,8 @@ def spec(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
     for name, value in fields.items():
         if name not in entry:
             raise ValueError(f"evaluator spec has no field {name!r}")
+        if name in LIST_FIELDS and isinstance(value, (list, tuple)):
+            value = json.dumps(list(value))  # an inline list (prompts.py reads it)
         entry[name] = value
     return entry
 

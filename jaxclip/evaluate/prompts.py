@@ -9,12 +9,15 @@ the same format:
     templates("imagenet")            # the paper's 80 templates, '{}' for the name
     templates("simple")              # OpenAI's 7 forward-selected templates
     class_names("my_classes.txt")    # any file: one name per line, '#' comments
+    class_names("my_classes.json")   # a JSON list, or {"classes": [...]}
+    class_names('["cat", "dog"]')    # an inline JSON list (what spec() stores for one)
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import json
 import os
 
 CLASS_NAME_SETS = ("imagenet", "cifar10", "cifar100")
@@ -49,16 +52,50 @@ def _packaged(filename: str) -> tuple[str, ...]:
 
 
 def _entries(name: str, kind: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """A packaged set, an inline JSON list, or a file (text, one per line, or JSON)."""
     if name in known:
         return _packaged(f"{name}_{kind}.txt")
+    if name.lstrip().startswith("["):
+        return parse_json_list(name, kind, "the inline list")
     if os.path.isfile(name):  # read on every call: the user may edit it
         with open(name, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
-            return parse_list(f.read(), name)
+            text = f.read()
+        if name.endswith(".json"):
+            return parse_json_list(text, kind, name)
+        return parse_list(text, name)
     noun = "class names" if kind == "classnames" else "templates"
     raise ValueError(
-        f"unknown {noun} {name!r}: expected one of {list(known)} or the path of a "
-        "text file with one entry per line"
+        f"unknown {noun} {name!r}: expected one of {list(known)}, an inline JSON list "
+        '(\'["cat", "dog"]\'), or the path of a text file with one entry per line '
+        "or of a .json file holding a list"
     )
+
+
+# Keys a JSON file may hold its list under, besides being the list itself.
+JSON_KEYS = {"classnames": ("classes", "classnames"), "templates": ("templates",)}
+
+
+def parse_json_list(text: str, kind: str, source: str) -> tuple[str, ...]:
+    """Entries of a JSON list of strings, or of an object holding one under
+    `JSON_KEYS[kind]` (e.g. `{"classes": [...]}`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON: {error}") from None
+    if isinstance(value, dict):
+        keys = [key for key in JSON_KEYS[kind] if key in value]
+        if not keys:
+            raise ValueError(
+                f"{source} is a JSON object without a list under any of "
+                f"{list(JSON_KEYS[kind])}"
+            )
+        value = value[keys[0]]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{source} must hold a JSON list of strings")
+    entries = tuple(entry.strip() for entry in value)
+    if not entries or not all(entries):
+        raise ValueError(f"{source}: the list is empty or holds a blank entry")
+    return entries
 
 
 def parse_list(text: str, source: str = "<text>") -> tuple[str, ...]:

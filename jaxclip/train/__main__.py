@@ -1,7 +1,9 @@
 """Command line: `python -m jaxclip.train --config=configs/demo.py --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.train.batch_size=4096`; a config
-argument follows a colon, e.g. `--config=configs/vit_b16.py:res=224`.
+argument follows a colon, e.g. `--config=configs/vit_b16.py:res=224`. An evaluator the
+config does not have is added with one flag per field, `kind` and `dataset` first:
+`--config.evals.hidden.kind=zeroshot --config.evals.hidden.dataset=folder ...`.
 """
 
 from __future__ import annotations
@@ -12,19 +14,23 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxclip.cli import (
+    NewEvaluators,
+    add_evaluators,
+    flag_value,
+    load_config_file,
+    split_new_evaluators,
+)
+
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "configs",
     "demo.py",
 )
 
-config_flags.DEFINE_config_file(
-    "config",
-    _DEFAULT_CONFIG,
-    "Path to a config file with get_config(arg).",
-    lock_config=True,
-)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+
+_NEW_EVALUATORS: NewEvaluators = {}
 
 
 def main(argv: list[str]) -> None:
@@ -45,6 +51,7 @@ def main(argv: list[str]) -> None:
     try:
         # Before anything touches the devices: join the other processes, if any.
         config = flags.FLAGS.config
+        add_evaluators(config, _NEW_EVALUATORS)
         setup = distributed.initialize(config)
         if jax.process_count() > 1:
             distributed.process_log(config)(
@@ -68,5 +75,26 @@ def main(argv: list[str]) -> None:
                     print(f"{metric}: {value:.4f}")
 
 
+def define_config_flag(argv: list[str]) -> list[str]:
+    """Define `--config`; returns argv without the flags of evaluators the config
+    lacks (ml_collections reads the overrides from argv when the flag is defined)."""
+    if any(arg.startswith("--config.evals.") for arg in argv):
+        known = load_config_file(flag_value(argv, "config") or _DEFAULT_CONFIG).evals
+        argv, new = split_new_evaluators(argv, known.keys())
+        _NEW_EVALUATORS.update(new)
+    config_flags.DEFINE_config_file(
+        "config",
+        _DEFAULT_CONFIG,
+        "Path to a config file with get_config(arg).",
+        lock_config=True,
+        sys_argv=argv,
+    )
+    return argv
+
+
+# At import, as flags are defined: ml_collections reads the overrides from sys.argv
+# when the config flag is defined.
+_ARGV = define_config_flag(sys.argv)
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, _ARGV)
