@@ -127,6 +127,13 @@ def test_bad_images_raise_their_reason():
     noisy = encode(coordinate_image(400, 300) ^ np.uint8(37))
     with pytest.raises(BadImage, match="corrupt_image"):
         decode_crop_resize(noisy[: len(noisy) * 2 // 3], 32, "center")
+    # Cut inside the header (the docs' "truncated"): PIL cannot even identify it,
+    # but it starts as a JPEG (or PNG) does, so it is a damaged image.
+    png = io.BytesIO()
+    Image.fromarray(coordinate_image(40, 30)).save(png, "PNG")
+    for cut in (good[:300], good[:4], png.getvalue()[:20]):
+        with pytest.raises(BadImage, match="corrupt_image"):
+            decode_crop_resize(cut, 32, "center")
     with pytest.raises(BadImage, match="decompression_bomb"):
         decode_crop_resize(good, 32, "center", max_image_pixels=80 * 60 - 1)
     assert decode_crop_resize(good, 32, "center", max_image_pixels=80 * 60).shape == (

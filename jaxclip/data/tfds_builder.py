@@ -26,7 +26,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxclip.data.sources import BAD_REASONS, CsvSource, TarShardSource
-from jaxclip.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, caption_text
+from jaxclip.data.transforms import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    caption_text,
+    unreadable_reason,
+)
 
 VERSION = "1.0.0"
 
@@ -105,7 +109,7 @@ def check_image(data: bytes | None, max_image_pixels: int) -> str | None:
     except Image.DecompressionBombError:
         return "decompression_bomb"
     except Exception:
-        return "not_an_image"
+        return unreadable_reason(data)
     if image.size[0] * image.size[1] > max_image_pixels:
         return "decompression_bomb"
     try:

@@ -170,6 +170,28 @@ def decode_crop_resize(
         raise BadImage("corrupt_image") from None
 
 
+# How the formats PIL reads for jaxclip begin: bytes that start like an image but
+# that PIL cannot open are a damaged image (cut off inside its header), not another
+# kind of file.
+IMAGE_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+)
+
+
+def unreadable_reason(data: bytes) -> str:
+    """Why PIL could not open `data`: 'corrupt_image' when it starts like an image
+    (e.g. a JPEG truncated inside its header), else 'not_an_image'."""
+    head = bytes(data[:12])
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    return (
+        "corrupt_image" if webp or head.startswith(IMAGE_SIGNATURES) else "not_an_image"
+    )
+
+
 def _open(data: bytes) -> Image.Image:
     """The image's header, read (BadImage if it is not an image or a bomb)."""
     try:
@@ -177,7 +199,7 @@ def _open(data: bytes) -> Image.Image:
     except Image.DecompressionBombError:
         raise BadImage("decompression_bomb") from None
     except Exception:  # UnidentifiedImageError, or a header PIL chokes on
-        raise BadImage("not_an_image") from None
+        raise BadImage(unreadable_reason(data)) from None
 
 
 def _draft(image: Image.Image, box: Box, size: int) -> Box:
