@@ -205,4 +205,4 @@ def as_float32(value: np.ndarray, key: str) -> np.ndarray:
     value = np.asarray(value)
     if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
         raise ValueError(f"{key}: expected floating-point weights, got {value.dtype}")
-    return value.astype(np.float32)
+    return value.astype(np.float32, copy=False)  # no copy when already float32
