@@ -3,8 +3,9 @@ start (`python -m jaxclip.train`, the evaluate and aot commands, the multi-proce
 launcher, the fault harness, the notebook's kernel), gets its settings here:
 
 - 8 emulated CPU devices (or as many as a test asks for);
-- XLA's backend (LLVM) optimisation level 0: the tests run tiny models, where
-  compiling costs far more than running, and level 0 compiles in about half the time.
+- XLA's backend (LLVM) optimisation level 0, without its expensive passes: the
+  tests run tiny models, where compiling costs more than running (a tiny-rn train
+  step takes about half the CPU time to compile and run this way).
   Every process uses the same flags, so results compared across processes (a child's
   run against the test's own, bit for bit) still come from the same machine code;
 - one persistent compilation cache for the whole session, so a program compiled by
@@ -30,6 +31,7 @@ CACHE_VARIABLE = "JAXCLIP_TEST_COMPILE_CACHE"
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S+")
 _XLA_FLAGS = [
     "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
     # 8 device threads share 2 cores here: a device can reach a collective long after
     # the others, so give the rendezvous more than XLA's 40 s before it aborts.
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60",
