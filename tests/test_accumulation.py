@@ -101,6 +101,7 @@ def big_batch_reference():
     return references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "accum_steps, loss_name, impl",
     # k = 1, 2, 4 with both implementations for the softmax loss; the sigmoid loss
@@ -138,6 +139,7 @@ def test_accumulated_grads_equal_big_batch(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_accumulation_with_scanned_layers_and_remat(remat):
     """The lax.scan accumulation loop (one device) with remat equals the big batch."""
@@ -164,6 +166,7 @@ def test_accumulation_with_scanned_layers_and_remat(remat):
     assert_grads_close(got_grads, want_grads)
 
 
+@pytest.mark.slow
 def test_ring_loss_with_accumulation_in_the_train_step():
     """Ring loss + 4 micro-batches in the real train step = dense big-batch steps."""
     mesh = sharding.make_mesh((4, 2, 1))

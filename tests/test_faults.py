@@ -253,6 +253,7 @@ def _white_batches_at(monkeypatch, indices: set[int]) -> None:
     monkeypatch.setattr(step_module, "normalize_images", _nan_for_white_batches)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
     _white_batches_at(monkeypatch, {1})
     config = demo_config()
@@ -289,6 +290,7 @@ def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_an_isolated_nan_batch_is_counted_and_training_goes_on(
     monkeypatch, tmp_path, capsys
 ):
@@ -303,6 +305,7 @@ def test_an_isolated_nan_batch_is_counted_and_training_goes_on(
     assert [r["nonfinite_total"] for r in records if "loss" in r] == [0] * 2 + [1] * 6
 
 
+@pytest.mark.slow
 def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(
     monkeypatch, tmp_path
 ):

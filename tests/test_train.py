@@ -31,6 +31,7 @@ def single_device_runs():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name, mesh_shape",
     [
@@ -58,6 +59,7 @@ def test_sharded_step_equals_single_device(single_device_runs, model_name, mesh_
     assert state.step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_ring_loss_in_the_train_step_equals_dense(loss_name):
     mesh = sharding.make_mesh((4, 2, 1))
@@ -113,6 +115,7 @@ def test_weight_decay_mask():
         assert name not in decayed
 
 
+@pytest.mark.slow
 def test_logit_scale_is_clipped_at_100():
     config = tiny_config(overrides={"optim.lr": 10.0, "optim.grad_clip_norm": 0.0})
     mesh = sharding.make_mesh((8, 1, 1))
@@ -121,6 +124,7 @@ def test_logit_scale_is_clipped_at_100():
     assert history[-1]["logit_scale"] <= 100.0 + 1e-3
 
 
+@pytest.mark.slow
 def test_checkpoint_save_restore_is_identical(tmp_path):
     config = tiny_config("tiny-rn")
     mesh = sharding.make_mesh((4, 2, 1))
@@ -156,6 +160,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypatch):
     config = tiny_config(
         overrides={"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep": 5}
@@ -196,6 +201,7 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_bf16_compute_and_remat_keep_the_step():
     """bf16 compute keeps float32 params and a close loss; remat changes no number."""
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
