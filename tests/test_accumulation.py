@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_util import tiny_config
+from train_util import assert_same_run, run_steps
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
@@ -14,7 +16,6 @@ from jaxclip.data.transforms import normalize_images
 from jaxclip.models import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.step import full_batch_grads, gradcache_grads
-from tests.test_train import assert_same_run, run_steps, tiny_config
 
 BATCH = 32  # 4 per device on 8 devices, so k = 1, 2, 4 all divide it
 
@@ -83,7 +84,10 @@ def big_batch_reference():
     mesh = sharding.make_mesh((4, 2, 1))
     references = {}
     for loss_name in ("clip", "siglip"):
-        config, model = tiny_config(loss__name=loss_name), tiny_vit(loss_name)
+        config, model = (
+            tiny_config(overrides={"loss.name": loss_name}),
+            tiny_vit(loss_name),
+        )
         variables, images, tokens = batch_and_params(config, model)
         references[loss_name] = (
             (variables, images, tokens),
@@ -98,6 +102,7 @@ def big_batch_reference():
     return references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "accum_steps, loss_name, impl",
     # k = 1, 2, 4 with both implementations for the softmax loss; the sigmoid loss
@@ -108,7 +113,9 @@ def big_batch_reference():
 def test_accumulated_grads_equal_big_batch(
     big_batch_reference, accum_steps, loss_name, impl
 ):
-    config = tiny_config(loss__name=loss_name, loss__impl=impl, loss__chunk_size=3)
+    config = tiny_config(
+        overrides={"loss.name": loss_name, "loss.impl": impl, "loss.chunk_size": 3}
+    )
     model = tiny_vit(loss_name)
     mesh = sharding.make_mesh((4, 2, 1))
     (variables, images, tokens), want = big_batch_reference[loss_name]
@@ -133,6 +140,7 @@ def test_accumulated_grads_equal_big_batch(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_accumulation_with_scanned_layers_and_remat(remat):
     """The lax.scan accumulation loop (one device) with remat equals the big batch."""
@@ -159,18 +167,20 @@ def test_accumulation_with_scanned_layers_and_remat(remat):
     assert_grads_close(got_grads, want_grads)
 
 
+@pytest.mark.slow
 def test_ring_loss_with_accumulation_in_the_train_step():
     """Ring loss + 4 micro-batches in the real train step = dense big-batch steps."""
     mesh = sharding.make_mesh((4, 2, 1))
-    overrides = {"train__batch_size": BATCH}
-    dense_state, dense = run_steps(tiny_config(**overrides), mesh, 2)
-    accum_state, accum = run_steps(
-        tiny_config(
-            loss__impl="ring", loss__chunk_size=2, train__accum_steps=4, **overrides
-        ),
-        mesh,
-        2,
+    dense_state, dense = run_steps(
+        tiny_config(overrides={"train.batch_size": BATCH}), mesh, 2
     )
+    ring_accum = {
+        "train.batch_size": BATCH,
+        "loss.impl": "ring",
+        "loss.chunk_size": 2,
+        "train.accum_steps": 4,
+    }
+    accum_state, accum = run_steps(tiny_config(overrides=ring_accum), mesh, 2)
     assert_same_run(
         (accum_state, accum),
         (dense_state, dense),
@@ -179,7 +189,7 @@ def test_ring_loss_with_accumulation_in_the_train_step():
 
 
 def test_accum_steps_must_divide_the_per_device_batch():
-    config = tiny_config(train__batch_size=16, train__accum_steps=4)
+    config = tiny_config(overrides={"train.batch_size": 16, "train.accum_steps": 4})
     config.mesh.shape = (8, 1, 1)  # 2 per device: 4 micro-batches cannot split it
     with pytest.raises(ConfigError, match="train.accum_steps=4"):
         validate_config(config)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +13,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from process_util import child_env, run_python
 
 from jaxclip import aot, losses, sharding
 from jaxclip.evaluate import retrieval
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ring_loss_temp(topology: str, local: int, dim: int, chunk: int) -> tuple[int, int]:
@@ -87,13 +83,14 @@ def test_retrieval_ring_memory_is_flat_in_the_ring_size():
     assert temps[1] <= temps[0], temps
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_command_compiles_the_trainers_step(tmp_path):
     """`python -m jaxclip.aot` on the demo recipe (ring loss) for v5e:2x2: it fits,
     the per-chip arguments hold the sharded state and batch, and the ring's sends are
     in the program. Starting it with libtpu installed prints no TPU start-up noise."""
     out = tmp_path / "report.json"
     command = [
-        sys.executable,
         "-m",
         "jaxclip.aot",
         "--config=configs/demo.py",
@@ -103,10 +100,7 @@ def test_command_compiles_the_trainers_step(tmp_path):
         "--encoders=false",
         f"--json={out}",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS",)}
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    done = run_python(*command, env=child_env(drop=("JAX_PLATFORMS",)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fits:" in done.stdout
     for noise in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "backend 'tpu'"):
@@ -172,16 +166,14 @@ def test_collectives_and_out_of_memory_are_read_from_the_compiler():
     assert aot.parse_out_of_memory("x", RuntimeError("INTERNAL: other"), 1.0) is None
 
 
+@pytest.mark.multiprocess
 def test_no_tpu_probe_on_a_machine_without_one():
     """With libtpu installed, importing jaxclip keeps JAX on the CPU (no libtpu
     warnings, no failed TPU backend) where no accelerator is attached."""
     if aot_platform_has_accelerator():
         pytest.skip("this machine has an accelerator; JAX is rightly left alone")
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS",)}
     code = "import jaxclip, jax; print(jax.default_backend(), jax.device_count())"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True
-    )
+    done = run_python("-c", code, env=child_env(drop=("JAX_PLATFORMS",)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "cpu"
     assert "TPU" not in done.stderr and "tpu" not in done.stderr, done.stderr

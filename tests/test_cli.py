@@ -5,28 +5,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from config_util import base, recipe
+from process_util import run_python
 
 from jaxclip.config import ConfigError, base_config, validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_python("-m", "jaxclip.train", *args)
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jaxclip.train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-
-
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_demo_cli_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     result = run_cli(
@@ -76,6 +70,7 @@ def test_demo_cli_end_to_end(tmp_path):
     assert "resumed from step 4" in again.stdout
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_config_errors(tmp_path):
     result = run_cli(f"--workdir={tmp_path}", "--config.model.name=ViT-Q-99")
     assert result.returncode == 2
@@ -83,39 +78,31 @@ def test_cli_reports_config_errors(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _config(**fields):
-    config = base_config()
-    for key, value in fields.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
-
-
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"model__name": "ViT-Q-99"}, "model.name='ViT-Q-99'"),
-        ({"train__batch_size": 12}, "train.batch_size=12 is not divisible"),
-        ({"mesh__shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) needs 16 devices"),
-        ({"mesh__shape": (3, -1, 1)}, "cannot be completed"),
-        ({"mesh__shape": (8, 1)}, "must have 3 entries"),
-        ({"loss__name": "triplet"}, "loss.name='triplet'"),
-        ({"loss__impl": "magic"}, "loss.impl='magic'"),
-        ({"model__dtype": "float16"}, "model.dtype='float16'"),
-        ({"model__remat": "sometimes"}, "model.remat='sometimes'"),
-        ({"train__steps": 0}, "train.steps=0 must be a positive integer"),
-        ({"optim__lr": -1.0}, "optim.lr=-1.0 must be > 0"),
-        ({"optim__lr": float("nan")}, "optim.lr=nan must be > 0"),
-        ({"optim__b2": 1.0}, r"optim.b2=1.0 must be in \[0, 1\)"),
-        ({"optim__weight_decay": -0.1}, "optim.weight_decay=-0.1 must be >= 0"),
-        ({"data__mean": (0.5, 0.5)}, r"data.mean=\(0.5, 0.5\) must be 3 numbers"),
-        ({"data__source": "webdataset"}, "data.source='webdataset'"),
+        ({"model.name": "ViT-Q-99"}, "model.name='ViT-Q-99'"),
+        ({"train.batch_size": 12}, "train.batch_size=12 is not divisible"),
+        ({"mesh.shape": (4, 4, 1)}, r"mesh.shape=\(4, 4, 1\) needs 16 devices"),
+        ({"mesh.shape": (3, -1, 1)}, "cannot be completed"),
+        ({"mesh.shape": (8, 1)}, "must have 3 entries"),
+        ({"loss.name": "triplet"}, "loss.name='triplet'"),
+        ({"loss.impl": "magic"}, "loss.impl='magic'"),
+        ({"model.dtype": "float16"}, "model.dtype='float16'"),
+        ({"model.remat": "sometimes"}, "model.remat='sometimes'"),
+        ({"train.steps": 0}, "train.steps=0 must be a positive integer"),
+        ({"optim.lr": -1.0}, "optim.lr=-1.0 must be > 0"),
+        ({"optim.lr": float("nan")}, "optim.lr=nan must be > 0"),
+        ({"optim.b2": 1.0}, r"optim.b2=1.0 must be in \[0, 1\)"),
+        ({"optim.weight_decay": -0.1}, "optim.weight_decay=-0.1 must be >= 0"),
+        ({"data.mean": (0.5, 0.5)}, r"data.mean=\(0.5, 0.5\) must be 3 numbers"),
+        ({"data.source": "webdataset"}, "data.source='webdataset'"),
     ],
 )
 def test_config_errors_name_the_field(fields, message):
     assert jax.device_count() == 8
     with pytest.raises(ConfigError, match=message):
-        validate_config(_config(**fields))
+        validate_config(base(fields))
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
@@ -133,7 +120,6 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 
 def test_recipes_load_and_build(tmp_path, monkeypatch):
-    from config_util import recipe
 
     from jaxclip.models.build import create_model, parameter_counts
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,13 +19,12 @@ from data_util import (
     write_csv,
 )
 from PIL import Image
+from process_util import child_env, run_python
 
 from jaxclip.config import base_config
 from jaxclip.data import tfds_builder
 from jaxclip.data.pipeline import checkpoint_state, make_train_iterator
 from jaxclip.data.sources import TfdsSource
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check_pairs(source: TfdsSource, numbers: list[int]) -> None:
@@ -74,22 +71,12 @@ def test_missing_inputs_are_named(tmp_path, capsys):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": REPO,
-        # One device: this test is about the data, and compiles faster alone.
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "jaxclip.train", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+    # One device: this test is about the data, and compiles faster alone.
+    return run_python("-m", "jaxclip.train", *args, timeout=900, env=child_env(1))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_train_from_tfds_via_cli_and_resume_exactly(tmp_path, monkeypatch):
     # A dataset that, besides good pairs, holds three bad images (the converter's
     # image check is switched off, as for a tfds dataset made elsewhere), so the

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from config_util import recipe, recipe_module
+from process_util import run_python
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, base_config, validate_config
@@ -30,7 +30,6 @@ from jaxclip.models.registry import get_model_config
 from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.loop import train_and_evaluate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 16
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
 
@@ -230,16 +229,11 @@ def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path)
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    return run_python("-m", *args)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
     workdir = tmp_path / "run"
     small = [

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from config_util import recipe
+from process_util import CACHE_VARIABLE, child_env, start_python
 
 from jaxclip import sharding
 from jaxclip.data.pipeline import DataIterator, shapes_iterator
@@ -34,7 +34,6 @@ from jaxclip.train.state import (
     make_optimizer,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 OVERRIDES = {
     "model.name": "tiny-vit",
@@ -54,27 +53,23 @@ def demo_config(**extra):
     return recipe("demo", overrides={**OVERRIDES, **extra})
 
 
-def cli_flags(workdir, cache_dir) -> list[str]:
+def cli_flags(workdir) -> list[str]:
     flags = ["--config=configs/demo.py", f"--workdir={workdir}"]
     flags += [f"--config.{field}={value}" for field, value in OVERRIDES.items()]
-    return flags + [f"--config.train.compile_cache_dir={cache_dir}"]
+    # The trainer's own switch for the cache, pointed at the session's.
+    return flags + [f"--config.train.compile_cache_dir={os.environ[CACHE_VARIABLE]}"]
 
 
 class Run:
     """The trainer in a child process (tests/fault_harness.py), output in a file."""
 
-    def __init__(self, workdir, cache_dir, **faults: str):
+    def __init__(self, workdir, **faults: str):
         self.workdir = workdir
         self.log_path = f"{workdir}.{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
-        env.update({f"FAULT_{name.upper()}": value for name, value in faults.items()})
+        env = child_env(**{f"FAULT_{name.upper()}": v for name, v in faults.items()})
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in wait/kill)
-        self.process = subprocess.Popen(
-            [sys.executable, "tests/fault_harness.py", *cli_flags(workdir, cache_dir)],
-            cwd=REPO,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+        self.process = start_python(
+            "tests/fault_harness.py", *cli_flags(workdir), stdout=self.log, env=env
         )
 
     def output(self) -> str:
@@ -179,23 +174,25 @@ def reference(tmp_path_factory):
     return str(workdir)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
     reference, tmp_path
 ):
-    # One workdir through every kind of interruption; the compilation cache makes
-    # each restart skip compiling.
-    workdir, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    # One workdir through every kind of interruption; the session's compilation
+    # cache (tests/process_util.py) makes each restart skip compiling.
+    workdir = str(tmp_path / "run")
 
     # 1. Killed after its first step, before any checkpoint: starts over. (Step 2's
     #    save is held back, so a slow kill cannot let a checkpoint through.)
-    run = Run(workdir, cache, step_sleep="0.3", hold_save="2")
+    run = Run(workdir, step_sleep="0.3", hold_save="2")
     run.wait_for_step(1)
     run.kill()
     assert complete_steps(workdir) == []
 
     # 2. Killed in the middle of saving step 4, after step 2's save completed: the
     #    arrays are written, the commit is not. Step 4 must not count.
-    run = Run(workdir, cache, step_sleep="0.1", hold_save="4")
+    run = Run(workdir, step_sleep="0.1", hold_save="4")
     run.wait_until(lambda: "HOLDING SAVE 4" in run.output(), "the save of step 4")
     run.kill()
     assert complete_steps(workdir) == [2]
@@ -205,7 +202,7 @@ def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
     # 3. Resumed from step 2, killed between checkpoints: after step 5 was logged and
     #    step 4's asynchronous save committed (logging step 5 does not imply that on
     #    a loaded machine). Step 6's save is held back, so 4 stays the latest.
-    run = Run(workdir, cache, step_sleep="0.3", hold_save="6")
+    run = Run(workdir, step_sleep="0.3", hold_save="6")
     run.wait_for_step(5)
     run.wait_until(lambda: committed(workdir, 4), "the commit of step 4")
     run.kill()
@@ -214,7 +211,7 @@ def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
 
     # 4. Resumed from step 4, SIGTERM (preemption) once step 5 is logged: it saves at
     #    the next step boundary and exits cleanly, before the end.
-    run = Run(workdir, cache, step_sleep="0.3")
+    run = Run(workdir, step_sleep="0.3")
     run.wait_for_step(5)
     run.process.send_signal(signal.SIGTERM)
     assert run.wait() == 0, run.output()[-3000:]
@@ -225,7 +222,7 @@ def test_kill_9_and_sigterm_at_any_moment_resume_to_the_same_result(
     assert logged_steps(workdir) == stopped_at  # it stopped right there
 
     # 5. Resumed once more, to the end.
-    run = Run(workdir, cache)
+    run = Run(workdir)
     assert run.wait() == 0, run.output()[-3000:]
     assert f"resumed from step {stopped_at}" in run.output()
     assert_same_as_reference(workdir, reference, demo_config())
@@ -257,6 +254,7 @@ def _white_batches_at(monkeypatch, indices: set[int]) -> None:
     monkeypatch.setattr(step_module, "normalize_images", _nan_for_white_batches)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
     _white_batches_at(monkeypatch, {1})
     config = demo_config()
@@ -294,6 +292,7 @@ def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
         )
 
 
+@pytest.mark.slow
 def test_an_isolated_nan_batch_is_counted_and_training_goes_on(
     monkeypatch, tmp_path, capsys
 ):
@@ -308,6 +307,7 @@ def test_an_isolated_nan_batch_is_counted_and_training_goes_on(
     assert [r["nonfinite_total"] for r in records if "loss" in r] == [0] * 2 + [1] * 6
 
 
+@pytest.mark.slow
 def test_repeated_nans_stop_the_run_and_keep_the_last_good_checkpoint(
     monkeypatch, tmp_path
 ):

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from process_util import child_env, start_python
 
 from jaxclip.config import ConfigError, base_config
 from jaxclip.distributed import Setup, explicit_settings, initialize
@@ -43,15 +44,9 @@ def _load_launcher():
 
 
 local = _load_launcher()
-# The children keep the test's XLA flags (the launcher replaces only the device
-# count) plus less LLVM optimisation: compiles take half the time, and both layouts
-# compile with the same flags, so the comparison holds.
-ENV = {
-    **os.environ,
-    "PYTHONPATH": REPO,
-    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-    + " --xla_backend_optimization_level=0",
-}
+# The children keep the session's XLA flags (the launcher replaces only the device
+# count): both layouts compile with the same flags, so the comparison holds.
+ENV = child_env()
 
 
 # A tiny recipe from the base config: two saves (steps 5 and 10), every step's loss in
@@ -139,24 +134,19 @@ def preempt_then_resume(recipe, workdir, log_dir) -> tuple[int, str]:
     Returns (the step saved at the preemption, the resumed run's output)."""
     interrupted = pathlib.Path(f"{log_dir}-interrupted.out")
     with interrupted.open("w") as out:
-        launcher = subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(REPO, "launch", "local.py"),
-                "--processes=2",
-                "--devices-per-process=4",
-                f"--log-dir={log_dir}-interrupted",
-                "--timeout=240",
-                "--",
-                sys.executable,
-                os.path.join(REPO, "tests", "fault_harness.py"),
-                f"--config={recipe}",
-                f"--workdir={workdir}",
-            ],
-            cwd=REPO,
-            env={**ENV, "FAULT_STEP_SLEEP": "0.3", "PYTHONUNBUFFERED": "1"},
+        launcher = start_python(
+            os.path.join(REPO, "launch", "local.py"),
+            "--processes=2",
+            "--devices-per-process=4",
+            f"--log-dir={log_dir}-interrupted",
+            "--timeout=240",
+            "--",
+            sys.executable,
+            os.path.join(REPO, "tests", "fault_harness.py"),
+            f"--config={recipe}",
+            f"--workdir={workdir}",
             stdout=out,
-            stderr=subprocess.STDOUT,
+            env=child_env(FAULT_STEP_SLEEP="0.3"),
         )
         deadline = time.monotonic() + 240
         while f"step 3/{STEPS} |" not in interrupted.read_text():
@@ -184,6 +174,8 @@ def preempt_then_resume(recipe, workdir, log_dir) -> tuple[int, str]:
     return int(saved.group(1)), output.getvalue()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
     """2 x 4 (preempted by SIGTERM and resumed) against 1 x 8, uninterrupted."""
     results: dict = {}
@@ -259,6 +251,7 @@ def test_two_processes_match_one(tmp_path):
 # --- The launcher itself (no JAX in the children: fast).
 
 
+@pytest.mark.multiprocess
 def test_launcher_stops_everything_after_a_failure(tmp_path):
     # Process 1 fails at once; process 0 would sleep for a minute.
     script = (
@@ -274,7 +267,7 @@ def test_launcher_stops_everything_after_a_failure(tmp_path):
         2,
         4,
         log_dir=str(tmp_path),
-        env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env=child_env(devices=8),
         output=output,
         grace=2,
     )
@@ -285,6 +278,7 @@ def test_launcher_stops_everything_after_a_failure(tmp_path):
     assert "device_count=4" in log and "device_count=8" not in log
 
 
+@pytest.mark.multiprocess
 def test_launcher_timeout(tmp_path):
     output = io.StringIO()
     code = local.run(
@@ -299,6 +293,7 @@ def test_launcher_timeout(tmp_path):
     assert "timed out" in output.getvalue()
 
 
+@pytest.mark.multiprocess
 def test_launcher_forwards_sigterm(tmp_path):
     # Each child exits 0 when SIGTERM arrives (as the trainer does after saving).
     child = (
@@ -311,21 +306,17 @@ def test_launcher_forwards_sigterm(tmp_path):
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(REPO, "launch", "local.py"),
-            "--processes=2",
-            f"--log-dir={tmp_path / 'logs'}",
-            "--timeout=60",
-            "--",
-            sys.executable,
-            "-c",
-            child,
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    launcher = start_python(
+        os.path.join(REPO, "launch", "local.py"),
+        "--processes=2",
+        f"--log-dir={tmp_path / 'logs'}",
+        "--timeout=60",
+        "--",
+        sys.executable,
+        "-c",
+        child,
+        str(tmp_path),
+        stdout=subprocess.DEVNULL,
         env=ENV,
     )
     try:

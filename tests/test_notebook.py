@@ -5,11 +5,13 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from process_util import child_env
 
 NOTEBOOK = pathlib.Path(__file__).parents[1] / "examples" / "quickstart.ipynb"
-REPO = NOTEBOOK.parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -23,8 +25,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
         c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])
     ]
     parameters.source = 'MODEL = "tiny-vit"\nWEIGHTS = None'
-    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel imports this checkout
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device is enough here
+    # The kernel imports this checkout, with the session's XLA flags and compilation
+    # cache; one CPU device is enough here.
+    for name, value in child_env(devices=None).items():
+        monkeypatch.setenv(name, value)
     client = nbclient.NotebookClient(
         notebook,
         timeout=300,

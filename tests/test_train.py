@@ -7,68 +7,20 @@ import json
 import jax
 import numpy as np
 import pytest
+from config_util import tiny_config
+from train_util import ADAM_ATOL, assert_same_run, run_steps
 
 from jaxclip import sharding
-from jaxclip.config import base_config
-from jaxclip.data.pipeline import DataIterator, shapes_iterator
+from jaxclip.data.pipeline import DataIterator
 from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train.checkpoint import Checkpointer, abstract_like
 from jaxclip.train.loop import train_and_evaluate
 from jaxclip.train.state import (
     abstract_train_state,
     create_train_state,
-    learning_rate_schedule,
     make_optimizer,
     weight_decay_mask,
 )
-from jaxclip.train.step import make_train_step
-
-# Adam divides by |gradient|: where a gradient is near eps (1e-6), float32 rounding
-# moves that parameter's update by a fraction of a step. 0.5% of lr (1e-3) allows it.
-ADAM_ATOL = 5e-6
-
-
-def tiny_config(model_name: str = "tiny-vit", **overrides):
-    config = base_config()
-    config.model.name = model_name
-    config.model.scan = True
-    config.train.batch_size = 16
-    config.train.steps = 3
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 0  # a non-zero learning rate from the first step
-    # Adam's eps at 1e-3, not 1e-6: a gradient near eps (a channel that barely gets
-    # any) makes g / (|g| + eps) amplify float32 rounding, which differs between a
-    # sharded and a one-device reduction, into a tenth of a step (measured 1.2e-4 on
-    # tiny-rn). With 1e-3 the meshes agree to 1e-7 and the tolerances below test the
-    # sharding, not Adam's conditioning.
-    config.optim.eps = 1e-3
-    config.log.every_steps = 1
-    config.checkpoint.every_steps = 0
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
-
-
-def run_steps(config, mesh, num_steps: int):
-    """Train `num_steps` on the shapes data; returns (final state, per-step metrics)."""
-    model = build_model(config)
-    tx = make_optimizer(config)
-    state, shardings = create_train_state(model, tx, mesh, jax.random.key(config.seed))
-    step = make_train_step(
-        config, model, tx, learning_rate_schedule(config), mesh, shardings
-    )
-    size = model.config.vision.image_size
-    data = shapes_iterator(
-        config.seed, config.train.batch_size, size, model.config.text.context_length
-    )
-    history = []
-    with sharding.use_mesh(mesh):
-        for _ in range(num_steps):
-            batch = sharding.shard_batch(next(data), mesh, config.train.accum_steps)
-            state, metrics = step(state, batch)
-            history.append(jax.device_get(metrics))
-    return jax.device_get(state), history
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +32,7 @@ def single_device_runs():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_name, mesh_shape",
     [
@@ -107,29 +60,17 @@ def test_sharded_step_equals_single_device(single_device_runs, model_name, mesh_
     assert state.step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["clip", "siglip"])
 def test_ring_loss_in_the_train_step_equals_dense(loss_name):
     mesh = sharding.make_mesh((4, 2, 1))
-    dense_state, dense = run_steps(tiny_config(loss__name=loss_name), mesh, 2)
+    dense_state, dense = run_steps(
+        tiny_config(overrides={"loss.name": loss_name}), mesh, 2
+    )
     ring_state, ring = run_steps(
-        tiny_config(loss__name=loss_name, loss__impl="ring"), mesh, 2
+        tiny_config(overrides={"loss.name": loss_name, "loss.impl": "ring"}), mesh, 2
     )
     assert_same_run((ring_state, ring), (dense_state, dense), ("loss", "grad_norm"))
-
-
-def assert_same_run(got, want, metric_names):
-    """Two `run_steps` results agree: per-step metrics, then the final parameters."""
-    (got_state, got_history), (want_state, want_history) = got, want
-    for got_metrics, want_metrics in zip(got_history, want_history):
-        for name in metric_names:
-            np.testing.assert_allclose(
-                got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name
-            )
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL),
-        got_state.params,
-        want_state.params,
-    )
 
 
 def test_params_are_created_sharded():
@@ -174,14 +115,16 @@ def test_weight_decay_mask():
         assert name not in decayed
 
 
+@pytest.mark.slow
 def test_logit_scale_is_clipped_at_100():
-    config = tiny_config(optim__lr=10.0, optim__grad_clip_norm=0.0)
+    config = tiny_config(overrides={"optim.lr": 10.0, "optim.grad_clip_norm": 0.0})
     mesh = sharding.make_mesh((8, 1, 1))
     state, history = run_steps(config, mesh, 2)
     assert float(state.params["logit_scale"]) <= np.log(100.0) + 1e-6
     assert history[-1]["logit_scale"] <= 100.0 + 1e-3
 
 
+@pytest.mark.slow
 def test_checkpoint_save_restore_is_identical(tmp_path):
     config = tiny_config("tiny-rn")
     mesh = sharding.make_mesh((4, 2, 1))
@@ -215,8 +158,11 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypatch):
-    config = tiny_config(train__steps=6, checkpoint__every_steps=2, checkpoint__keep=5)
+    config = tiny_config(
+        overrides={"train.steps": 6, "checkpoint.every_steps": 2, "checkpoint.keep": 5}
+    )
     train_and_evaluate(config, str(tmp_path / "straight"))
 
     # Crash while fetching the batch of step 5; the checkpoint of step 4 is complete.
@@ -255,14 +201,17 @@ def test_stopped_and_resumed_run_follows_the_same_trajectory(tmp_path, monkeypat
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_bf16_compute_and_remat_keep_the_step():
     """bf16 compute keeps float32 params and a close loss; remat changes no number."""
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     reference_state, reference = run_steps(tiny_config(), mesh, 1)
-    state, bf16 = run_steps(tiny_config(model__dtype="bfloat16"), mesh, 1)
+    state, bf16 = run_steps(tiny_config(overrides={"model.dtype": "bfloat16"}), mesh, 1)
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(state.params))
     np.testing.assert_allclose(bf16[0]["loss"], reference[0]["loss"], rtol=1e-2)
-    remat_state, remat = run_steps(tiny_config(model__remat="full"), mesh, 1)
+    remat_state, remat = run_steps(
+        tiny_config(overrides={"model.remat": "full"}), mesh, 1
+    )
     np.testing.assert_allclose(remat[0]["loss"], reference[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(
         remat[0]["grad_norm"], reference[0]["grad_norm"], rtol=1e-5

@@ -1,19 +1,15 @@
-"""Performance features keep the numbers: bf16, attention paths, remat, FLOP counts,
-MFU bookkeeping and the device prefetcher."""
+"""The layers keep the numbers whatever path computes them: bf16 compute, the two
+attention paths, GELU, and the remat policies."""
 
 from __future__ import annotations
-
-import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_util import example_tokens
 
-from jaxclip import sharding
-from jaxclip.config import ConfigError, base_config, validate_config
-from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.models import CLIP, get_model_config
 from jaxclip.models.layers import (
     REMAT_POLICIES,
@@ -22,23 +18,13 @@ from jaxclip.models.layers import (
     gelu,
     heads_major_attention,
 )
-from jaxclip.models.registry import ModelConfig, TextConfig, VisionConfig
-from jaxclip.train import mfu
-from jaxclip.train.prefetch import DevicePrefetcher
-
-
-def _tokens(batch: int, length: int) -> np.ndarray:
-    tokens = np.zeros((batch, length), np.int32)
-    tokens[:, :5] = [49406, 320, 1125, 539, 49407]
-    tokens[1, 3:6] = [2368, 1929, 49407]
-    return tokens
 
 
 def test_bf16_embeddings_match_float32():
     config = get_model_config("tiny-vit")
     size = config.vision.image_size
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-    tokens = _tokens(2, config.text.context_length)
+    tokens = example_tokens(2, config.text.context_length)
     fp32 = CLIP(config, dtype=jnp.float32)
     bf16 = CLIP(config, dtype=jnp.bfloat16)
     variables = jax.jit(fp32.init)(jax.random.key(0), images, tokens)
@@ -130,92 +116,6 @@ def test_remat_policies_give_the_same_gradients():
             grads(policy),
             reference,
         )
-
-
-def test_xla_flop_count_matches_the_analytic_formula():
-    # A small CLIP whose matmuls dominate, as in real models (width 256).
-    config = ModelConfig(
-        64,
-        VisionConfig(64, 2, 256, patch_size=16),
-        TextConfig(context_length=32, width=256, heads=4, layers=2),
-    )
-    model = CLIP(config, scan=False)
-    batch = 8
-    images = jnp.zeros((batch, 64, 64, 3))
-    tokens = jnp.asarray(_tokens(batch, 32))
-    params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
-
-    def loss(params, images, tokens):
-        out = model.apply(params, images, tokens)
-        logits = out["image_emb"] @ out["text_emb"].T
-        return jnp.sum(jax.nn.log_softmax(logits)) + jnp.sum(
-            jax.nn.log_softmax(logits.T)
-        )
-
-    lowered = jax.jit(jax.grad(loss)).lower(params, images, tokens)
-    counted = mfu.cost_flops(lowered.compile())
-    analytic = mfu.analytic_flops(config, batch)
-    assert abs(counted / analytic - 1) < 0.1, (counted, analytic)
-
-
-def test_peak_table_and_override():
-    def device(kind):
-        return types.SimpleNamespace(device_kind=kind)
-
-    assert mfu.peak_flops(device("NVIDIA H100 80GB HBM3")) == 989e12
-    assert mfu.peak_flops(device("NVIDIA H100 PCIe")) == 756e12
-    assert mfu.peak_flops(device("NVIDIA A100-SXM4-80GB"), "float32") == 156e12
-    assert mfu.peak_flops(device("TPU v5 lite")) == 197e12
-    assert mfu.peak_flops(device("TPU v5p")) == 459e12
-    assert mfu.peak_flops(device("TPU v6 lite")) == 918e12
-    assert mfu.peak_flops(device("TPU v4")) == 275e12
-    assert mfu.peak_flops(device("NVIDIA H200")) == 989e12
-    assert mfu.peak_flops(device("cpu")) is None
-    assert mfu.peak_flops(device("cpu"), override=1e11) == 1e11
-    assert mfu.mfu(5e11, 2.0, 1e12) == pytest.approx(0.25)
-    assert np.isnan(mfu.mfu(5e11, 2.0, None))
-
-
-def test_analytic_counts_match_published_sizes():
-    # Forward GFLOPs per image + text, as OpenCLIP's model profiles count them
-    # (ViT-B-32: 4.41 + 2.96 GMACs; RN50: 5.45 + 2.96).
-    vit = mfu.forward_flops_per_sample(get_model_config("ViT-B-32"))
-    assert vit["image"] / 2e9 == pytest.approx(4.41, rel=0.01)
-    assert vit["text"] / 2e9 == pytest.approx(2.98, rel=0.01)
-    rn50 = mfu.forward_flops_per_sample(get_model_config("RN50"))
-    assert rn50["image"] / 2e9 == pytest.approx(5.45, rel=0.07)
-
-
-def test_prefetcher_keeps_the_consumed_state():
-    mesh = sharding.make_mesh((8, 1, 1))
-    plain = shapes_iterator(0, 8, 32, 16)
-    prefetched = DevicePrefetcher(shapes_iterator(0, 8, 32, 16), mesh, size=2)
-    for _ in range(3):
-        want = next(plain)
-        got = next(prefetched)
-        prefetched.fill()  # two batches ahead now
-        np.testing.assert_array_equal(np.asarray(got["images"]), want["images"])
-        np.testing.assert_array_equal(np.asarray(got["tokens"]), want["tokens"])
-        assert prefetched.get_state() == plain.get_state()
-    prefetched.set_state(plain.get_state())
-    np.testing.assert_array_equal(
-        np.asarray(next(prefetched)["tokens"]), next(plain)["tokens"]
-    )
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("train.prefetch", 0),
-        ("mfu.peak_flops", -1.0),
-    ],
-)
-def test_performance_fields_are_validated(field, value):
-    config = base_config()
-    section, name = field.split(".")
-    config[section][name] = value
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        validate_config(config)
 
 
 def test_unit_params_unboxed_for_remat():

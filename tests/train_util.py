@@ -1,0 +1,86 @@
+"""Short training runs on the shapes data, shared by the train-step tests.
+
+A run is computed once per test process: tests that need the same run (the same
+config, mesh and number of steps; a shorter run is the start of a longer one) share
+it, instead of building and compiling the same tiny model and step again.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from jaxclip import sharding
+from jaxclip.data.pipeline import shapes_iterator
+from jaxclip.models.build import model_from_config
+from jaxclip.train.state import (
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
+from jaxclip.train.step import make_train_step
+
+# Adam divides by |gradient|: where a gradient is near eps (1e-6), float32 rounding
+# moves that parameter's update by a fraction of a step. 0.5% of lr (1e-3) allows it.
+ADAM_ATOL = 5e-6
+
+_RUNS: dict[tuple, tuple[list, list]] = {}
+
+
+def _train(config, mesh, num_steps: int) -> tuple[list, list]:
+    """(state after each step, metrics of each step), on the host."""
+    model = model_from_config(config)
+    tx = make_optimizer(config)
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(config.seed))
+    step = make_train_step(
+        config, model, tx, learning_rate_schedule(config), mesh, shardings
+    )
+    size = model.config.vision.image_size
+    data = shapes_iterator(
+        config.seed, config.train.batch_size, size, model.config.text.context_length
+    )
+    states, history = [], []
+    with sharding.use_mesh(mesh):
+        for _ in range(num_steps):
+            batch = sharding.shard_batch(next(data), mesh, config.train.accum_steps)
+            state, metrics = step(state, batch)
+            states.append(jax.device_get(state))
+            history.append(jax.device_get(metrics))
+    return states, history
+
+
+def run_steps(config, mesh, num_steps: int):
+    """Train `num_steps` on the shapes data; returns (final state, per-step metrics)."""
+    key = (
+        config.to_json_best_effort(sort_keys=True),
+        tuple(mesh.shape.items()),
+        tuple(device.id for device in mesh.devices.flat),
+    )
+    states, history = _RUNS.get(key, ([], []))
+    if len(states) < num_steps:
+        states, history = _RUNS[key] = _train(config, mesh, num_steps)
+    return states[num_steps - 1], history[:num_steps]
+
+
+def example_tokens(batch: int, length: int) -> np.ndarray:
+    """Token ids [batch, length]: one short caption (start, words, end) in every
+    row, another in row 1; zero-padded."""
+    tokens = np.zeros((batch, length), np.int32)
+    tokens[:, :5] = [49406, 320, 1125, 539, 49407]
+    tokens[1, 3:6] = [2368, 1929, 49407]
+    return tokens
+
+
+def assert_same_run(got, want, metric_names):
+    """Two `run_steps` results agree: per-step metrics, then the final parameters."""
+    (got_state, got_history), (want_state, want_history) = got, want
+    for got_metrics, want_metrics in zip(got_history, want_history):
+        for name in metric_names:
+            np.testing.assert_allclose(
+                got_metrics[name], want_metrics[name], rtol=2e-5, err_msg=name
+            )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=ADAM_ATOL),
+        got_state.params,
+        want_state.params,
+    )
