@@ -64,7 +64,9 @@ def cached_model(
     architecture, dtype and pixel statistics in this process: a second `load` of the
     same architecture compiles nothing again (jit keeps one program per batch bucket).
     """
-    module = create_clip(config, use_logit_bias=use_logit_bias, dtype=dtype)
+    module = create_clip(
+        config, use_logit_bias=use_logit_bias, dtype=dtype, sharded=False
+    )
     return module, make_encoders(module, mean, std)
 
 

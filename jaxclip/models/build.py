@@ -31,12 +31,16 @@ from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import ModelConfig, get_model_config
 
 
-def use_scan(requested: bool | None, platform: str | None = None) -> bool:
+def use_scan(
+    requested: bool | None, platform: str | None = None, sharded: bool = True
+) -> bool:
     """Whether layer stacks run as a loop; `None` (the default) picks per platform.
 
-    Automatic choice: scanned on GPUs and TPUs, where deep models compile far faster;
-    unrolled on the CPU, where steps run faster and even large models compile quickly
-    (docs/performance.md has the measurements).
+    Automatic choice for training (`sharded`): scanned on GPUs and TPUs, where deep
+    models compile far faster; unrolled on the CPU, where train steps run faster and
+    even large models compile quickly (docs/performance.md has the measurements).
+    A model that runs on one device (`sharded=False`: inference) is scanned: its
+    encoders compile several times faster, on the CPU too.
 
     And unrolled on multi-device CPU whatever was asked: XLA:CPU can start a collective
     inside a while loop (the scanned layers) and one outside it in different orders on
@@ -45,8 +49,8 @@ def use_scan(requested: bool | None, platform: str | None = None) -> bool:
     """
     platform = platform or jax.default_backend()
     if requested is None:
-        return platform != "cpu"
-    if requested and platform == "cpu" and jax.device_count() > 1:
+        return platform != "cpu" or not sharded
+    if requested and sharded and platform == "cpu" and jax.device_count() > 1:
         if jax.process_index() == 0:
             print(
                 f"model.scan=True runs unrolled on {jax.device_count()} CPU devices "
@@ -64,19 +68,20 @@ def create_model(
     scan: bool | None = None,
     remat: str = "none",
     platform: str | None = None,
+    sharded: bool = True,
 ) -> CLIP:
     """The CLIP module for a registered name or a `ModelConfig`.
 
     `use_logit_bias` adds SigLIP's learned logit bias; `scan=None` picks per
     platform (`use_scan`); `platform` is where it will run (default: JAX's backend;
-    `jaxclip.aot` says 'tpu').
+    `jaxclip.aot` says 'tpu'); `sharded=False` for a model that runs on one device.
     """
     config = get_model_config(arch) if isinstance(arch, str) else arch
     return CLIP(
         config,
         use_logit_bias=use_logit_bias,
         dtype=jnp.dtype(dtype),
-        scan=use_scan(scan, platform),
+        scan=use_scan(scan, platform, sharded),
         remat=remat,
     )
 
