@@ -8,6 +8,7 @@ import json
 import sys
 import warnings
 from fractions import Fraction
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from convert_util import assert_trees_equal, random_variables
 import jaxclip
 from jaxclip.config import base_config
 from jaxclip.convert import (
+    CorruptFileError,
     UnsafeFileError,
     Weights,
     load_weights,
@@ -276,14 +278,40 @@ def test_pickle_and_torchscript_files_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(2), "ratio": Fraction(1, 3)}, tmp_path / "p.pt")
     with pytest.raises(
         UnsafeFileError, match=r"needs Python's pickle.*weights_only=True"
-    ):
+    ) as refused:
         read_tensors(tmp_path / "p.pt")
+    # jaxclip's own words: the object named, none of torch's text or terminal codes.
+    assert "fractions.Fraction object" in str(refused.value)
+    assert "\x1b" not in str(refused.value) and "two options" not in str(refused.value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         script = torch.jit.script(torch.nn.Linear(2, 2))
     script.save(str(tmp_path / "openai.pt"))
     with pytest.raises(UnsafeFileError, match="TorchScript archive"):
         load_weights(tmp_path / "openai.pt")
+
+
+def test_damaged_files_are_named_with_what_is_wrong(tiny_vit, tmp_path):
+    torch = pytest.importorskip("torch")
+    whole = save_openclip(tiny_vit, tmp_path / "whole")
+    data = next(Path(p) for p in whole if p.endswith(".safetensors")).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError, match=r"cut.safetensors is truncated: its"):
+        load_weights(tmp_path / "cut.safetensors")
+    (tmp_path / "noise.safetensors").write_bytes(bytes(range(64)))
+    with pytest.raises(CorruptFileError, match=r"\(64 bytes\) is not a valid"):
+        load_weights(tmp_path / "noise.safetensors")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CorruptFileError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_weights(tmp_path / "empty.pt")
+    torch.save({"w": torch.zeros(64)}, tmp_path / "full.pt")
+    saved = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(CorruptFileError, match="cut.pt .* truncated or damaged"):
+        load_weights(tmp_path / "cut.pt")
+    (tmp_path / "model.ckpt").write_bytes(saved)
+    with pytest.raises(ValueError, match=r"model.ckpt: a .ckpt file is usually a"):
+        load_weights(tmp_path / "model.ckpt")
 
 
 def test_safetensors_load_without_torch(tiny_vit, tmp_path, monkeypatch):

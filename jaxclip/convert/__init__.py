@@ -8,9 +8,10 @@ The command line does the same: `python -m jaxclip.convert --from SRC --to DST`.
 """
 
 from jaxclip.convert.files import Weights, load_weights, save_hf, save_openclip
-from jaxclip.convert.tensors import UnsafeFileError, read_tensors
+from jaxclip.convert.tensors import CorruptFileError, UnsafeFileError, read_tensors
 
 __all__ = [
+    "CorruptFileError",
     "UnsafeFileError",
     "Weights",
     "load_weights",

@@ -154,8 +154,8 @@ def _load_weights_only(torch, path: str):
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         holds = f"a {found.group(1)} object" if found else "objects"
         raise UnsafeFileError(
-            f"{path} holds {holds} besides tensors, containers and numbers, so only "
-            "Python's pickle can read it; jaxclip reads torch files with "
+            f"{path} needs Python's pickle to load: it holds {holds} besides "
+            "tensors, containers and numbers. jaxclip reads torch files with "
             "torch.load(weights_only=True) only, which runs no code from the file.\n"
             + _RECIPE.replace("STATE_DICT", "torch.load(PATH, weights_only=False)")
         ) from None
