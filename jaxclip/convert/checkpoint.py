@@ -119,7 +119,17 @@ def run_config(path: str) -> Any:
     step_dir = find_step_dir(path)
     if step_dir is None or not os.path.isdir(os.path.join(step_dir, "config")):
         return None
-    return ml_collections.ConfigDict(_read_json(os.path.join(step_dir, "config")))
+    saved = _read_json(os.path.join(step_dir, "config"))
+    return ml_collections.ConfigDict(_tuples(saved))
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples a config holds (and overrides only as such)."""
+    if isinstance(value, dict):
+        return {key: _tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(item) for item in value)
+    return value
 
 
 def _read_json(item_dir: str) -> Any:
