@@ -73,7 +73,8 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     except (KeyError, TypeError) as error:
         raise ValueError(f"{step_dir}/config has no model.name") from error
     config = get_model_config(name)
-    abstract = abstract_variables(create_model(config, use_logit_bias=logit_bias))
+    model = create_model(config, use_logit_bias=logit_bias, sharded=False)
+    abstract = abstract_variables(model)
     target = {"params": abstract["params"]}
     if abstract.get("batch_stats"):
         target["batch_stats"] = abstract["batch_stats"]

@@ -131,7 +131,7 @@ def _torch_name(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str,
 def layout(config: ModelConfig, logit_bias: bool = False) -> tuple[Entry, ...]:
     """Every torch key of this architecture, in jaxclip's order."""
     entries = []
-    model = create_model(config, use_logit_bias=logit_bias)
+    model = create_model(config, use_logit_bias=logit_bias, sharded=False)
     for collection, tree in abstract_variables(model).items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
             stacked = "resblocks" in path

@@ -16,7 +16,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead")
     args = parser.parse_args()
-    counts = {name: parameter_counts(create_model(name)) for name in list_models()}
+    counts = {
+        name: parameter_counts(create_model(name, sharded=False))
+        for name in list_models()
+    }
     if args.json:
         print(json.dumps(counts, indent=2))
         return

@@ -74,7 +74,8 @@ def create_model(
 
     `use_logit_bias` adds SigLIP's learned logit bias; `scan=None` picks per
     platform (`use_scan`); `platform` is where it will run (default: JAX's backend;
-    `jaxclip.aot` says 'tpu'); `sharded=False` for a model that runs on one device.
+    `jaxclip.aot` says 'tpu'); `sharded=False` for a model that runs on one device
+    (inference) or only gives shapes (converters).
     """
     config = get_model_config(arch) if isinstance(arch, str) else arch
     return CLIP(
