@@ -11,7 +11,6 @@ evaluators the config does not have out of argv before absl parses them, and
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -40,10 +39,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config={spec}: {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location("jaxclip_cli_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    from jaxclip.config import load_file
+
+    return load_file(path).get_config(arg or None)
 
 
 def split_new_evaluators(

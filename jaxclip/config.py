@@ -316,6 +316,12 @@ def load_beside(recipe_file: str, name: str) -> types.ModuleType:
     path = os.path.join(os.path.dirname(os.path.abspath(recipe_file)), name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} (loaded by {recipe_file}) does not exist")
+    return load_file(path)
+
+
+def load_file(path: str) -> types.ModuleType:
+    """The Python file at `path` as a module (recipes, and what they load, are files,
+    not a package)."""
     spec = importlib.util.spec_from_file_location(
         os.path.splitext(os.path.basename(path))[0], path
     )

@@ -4,13 +4,12 @@ command line applies `--config.train.steps=5`."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from types import ModuleType
 
 import ml_collections
 
-from jaxclip.config import base_config
+from jaxclip.config import base_config, load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,12 +30,7 @@ def base(overrides: dict | None = None) -> ml_collections.ConfigDict:
 
 def recipe_module(name: str) -> ModuleType:
     """configs/<name>.py as a module (the recipes are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def recipe(

@@ -9,7 +9,6 @@ is bounded by the launcher's timeout and killed with its process group on any ex
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -27,7 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 from process_util import child_env, start_python
 
-from jaxclip.config import ConfigError, base_config
+from jaxclip.config import ConfigError, base_config, load_file
 from jaxclip.distributed import Setup, explicit_settings, initialize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +34,7 @@ STEPS = 10
 
 
 def _load_launcher():
-    spec = importlib.util.spec_from_file_location(
-        "launch_local", os.path.join(REPO, "launch", "local.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(os.path.join(REPO, "launch", "local.py"))
 
 
 local = _load_launcher()

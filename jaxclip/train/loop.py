@@ -8,6 +8,7 @@ docs/architecture.md shows where each piece lives and how a batch reaches the lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -144,6 +145,11 @@ class Trainer:
     guard: NonFiniteGuard
     results: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    @functools.cached_property
+    def config_json(self) -> dict[str, Any]:
+        """The config as saved beside each checkpoint (JSON), made once."""
+        return json.loads(self.config.to_json_best_effort())
+
     @classmethod
     def set_up(
         cls,
@@ -271,9 +277,8 @@ class Trainer:
             variables["batch_stats"] = state.batch_stats
         results = run_all(due, variables)
         self.writer.write(step, results)
-        config_json = json.loads(self.config.to_json_best_effort())
         if self.best is not None and self.best.update(
-            step, state, results, config_json
+            step, state, results, self.config_json
         ):
             self.log(
                 f"new best {self.best.metric} {self.best.best:.4f} at step {step}: "
@@ -299,8 +304,7 @@ class Trainer:
                 f"(the last checkpoint, step {self.checkpointer.latest_step()}, is kept)"
             )
         data_state = checkpoint_state(self.train_iter.get_state())
-        config_json = json.loads(self.config.to_json_best_effort())
-        self.checkpointer.save(step, self.state, data_state, config_json, force)
+        self.checkpointer.save(step, self.state, data_state, self.config_json, force)
 
     def close(self) -> None:
         """Let an in-flight async save finish; stop the pipeline's workers."""
