@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxclip.convert.files import Weights, load_weights
-from jaxclip.data.tokenizer import tokenize
+from jaxclip.convert.siglip import SIGLIP_MEAN, SIGLIP_STD, is_siglip
+from jaxclip.data.tokenizer import TokenizerSpec, tokenize
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.evaluate.zeroshot import zero_shot_classifier
 from jaxclip.models.build import Encoders, init_variables, make_encoders
@@ -71,19 +72,39 @@ def cached_model(
 
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CLIP_TOKENIZER = TokenizerSpec()  # OpenAI's BPE
 
 
 class Tokenizer:
-    """Texts -> int32 token ids [n, context_length] (OpenAI's CLIP BPE)."""
+    """Texts -> int32 token ids [n, context_length]: OpenAI's CLIP BPE by default, or
+    the tokenizer `spec` names (a SentencePiece file, a model directory's own).
 
-    def __init__(self, context_length: int):
+    `spec=None` is a model without a known tokenizer (a SigLIP architecture created
+    by name): calling it raises, rather than feed the model another vocabulary's ids.
+    """
+
+    def __init__(
+        self, context_length: int, spec: TokenizerSpec | None = CLIP_TOKENIZER
+    ):
         self.context_length = context_length
+        self.spec = spec
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
-        return tokenize(texts, self.context_length)
+        if self.spec is None:
+            raise ValueError(
+                "this model has no tokenizer: SigLIP models use their own "
+                "(SentencePiece, Gemma); load the model from an HF directory that holds "
+                "the tokenizer's files, or pass tokenizer=TokenizerSpec(<directory>)"
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        if self.spec.kind == "clip":
+            return tokenize(texts, self.context_length)
+        return self.spec(list(texts), self.context_length)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(context_length={self.context_length})"
+        kind = None if self.spec is None else self.spec.kind
+        return f"Tokenizer({kind!r}, context_length={self.context_length})"
 
 
 class InferenceModel:
@@ -99,6 +120,7 @@ class InferenceModel:
         std: Sequence[float] = OPENAI_STD,
         resize_mode: str = "shortest",
         interpolation: str = "bicubic",
+        tokenizer: TokenizerSpec | None = CLIP_TOKENIZER,
         dtype: Any = jnp.float32,
         batch_size: int = 64,
     ):
@@ -116,7 +138,7 @@ class InferenceModel:
         )
         # OpenCLIP's form: normalised float32 [3, S, S] (encode with normalized=True).
         self.openclip_preprocess = OpenCLIPPreprocess(self.preprocess, mean, std)
-        self.tokenizer = Tokenizer(config.text.context_length)
+        self.tokenizer = Tokenizer(config.text.context_length, tokenizer)
         self.batch_size = batch_size
 
     def __repr__(self) -> str:
@@ -297,14 +319,23 @@ def create_model(
     dtype: Any = "float32",
     batch_size: int = 64,
 ) -> InferenceModel:
-    """The registered architecture `name` (weights: `model.init(seed)` or `load`)."""
+    """The registered architecture `name` (weights: `model.init(seed)` or `load`).
+
+    A SigLIP architecture gets SigLIP's pixel statistics and squashing resize, and
+    no tokenizer (its vocabulary's files are not bundled; `load` an HF directory)."""
     config = get_model_config(name) if isinstance(name, str) else name
+    if is_siglip(config):
+        preprocess = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD, resize_mode="squash")
+        preprocess["tokenizer"] = None
+    else:
+        preprocess = {}
     return InferenceModel(
         config,
         name=name if isinstance(name, str) else None,
         logit_bias=logit_bias,
         dtype=dtype,
         batch_size=batch_size,
+        **preprocess,
     )
 
 
@@ -316,8 +347,9 @@ def load(
     batch_size: int = 64,
 ) -> Loaded:
     """Model, variables, preprocess and tokenizer from a jaxclip checkpoint, an OpenCLIP
-    or OpenAI weights file or directory, a Hugging Face CLIPModel directory, or
-    `hf-hub:ORG/REPO`. `name` checks (or sets) the architecture; see `load_weights`.
+    or OpenAI weights file or directory, a Hugging Face CLIPModel or SiglipModel
+    directory (its tokenizer too, where it holds the files), or `hf-hub:ORG/REPO`.
+    `name` checks (or sets) the architecture; see `load_weights`.
 
     `dtype` is the compute dtype (e.g. "bfloat16" on accelerators); the parameters
     stay float32.
@@ -331,6 +363,7 @@ def load(
         std=weights.std,
         resize_mode=weights.resize_mode,
         interpolation=weights.interpolation,
+        tokenizer=weights.tokenizer,
         dtype=dtype,
         batch_size=batch_size,
     )

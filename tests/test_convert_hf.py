@@ -135,12 +135,11 @@ def test_vit_b32_shape_matches_transformers():
     tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     config = hf.config_from_hf(hf_model.config.to_dict())
     assert openclip.registered_name(config) == "ViT-B-32-quickgelu"
-    state_dict = hf.hf_to_openclip(tensors, config, "HF ViT-B/32")
-    variables = openclip.from_openclip(state_dict, config)
+    variables = hf.from_hf(tensors, config, "HF ViT-B/32")
     model = jaxclip.create_model("ViT-B-32-quickgelu")
     images, tokens = inputs(224, 77)
     expected = hf_outputs(hf_model, images, tokens)
-    del hf_model, tensors, state_dict
+    del hf_model, tensors
     assert_parity(
         expected, jaxclip_outputs(model, variables, images, tokens), "ViT-B-32"
     )

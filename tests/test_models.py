@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,29 @@ def test_parameter_counts_equal_openclip(name):
 def test_every_registered_model_builds():
     for name in list_models():
         counts = parameter_counts(create_model(name))
-        assert counts["total"] == counts["visual"] + counts["text"] + 1, name
+        # The logit scale, and SigLIP's logit bias.
+        scalars = 2 if get_model_config(name).logit_bias else 1
+        assert counts["total"] == counts["visual"] + counts["text"] + scalars, name
+
+
+# OpenCLIP 3.3.0's own counts, `open_clip.create_model(name, device="meta")` summed by
+# hand (it needs timm; OpenCLIP is not a dependency): {name: {total, visual, text}}.
+OPENCLIP_SIGLIP = json.loads(
+    (
+        Path(__file__).parent / "reference" / "openclip_3.3.0_siglip_counts.json"
+    ).read_text()
+)
+
+
+@pytest.mark.parametrize("name", sorted(OPENCLIP_SIGLIP))
+def test_siglip_parameter_counts_match_openclip(name):
+    counts = parameter_counts(create_model(name, sharded=False))
+    expected = OPENCLIP_SIGLIP[name]
+    assert (counts["total"], counts["visual"], counts["text"]) == (
+        expected["total"],
+        expected["visual"],
+        expected["text"],
+    )
 
 
 def test_siglip_variant_adds_one_bias():

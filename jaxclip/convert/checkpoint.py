@@ -32,6 +32,7 @@ class CheckpointWeights:
     std: tuple[float, ...]
     step: int
     path: str
+    tokenizer: tuple[str, str] = ("clip", "")  # data.tokenizer, data.tokenizer_model
 
 
 def _is_step_dir(path: str) -> bool:
@@ -109,6 +110,7 @@ def read_checkpoint(path: str) -> CheckpointWeights:
         std=tuple(data.get("std", ())),
         step=int(os.path.basename(step_dir)),
         path=step_dir,
+        tokenizer=(data.get("tokenizer", "clip"), data.get("tokenizer_model", "")),
     )
 
 

@@ -4,9 +4,11 @@ Sources `load_weights` understands:
 
     jaxclip checkpoint   a workdir, its checkpoints/ directory, or one step directory
     OpenCLIP directory   open_clip_config.json + open_clip_model.safetensors (or .bin)
-    HF directory         config.json (model_type "clip") + model.safetensors (or .bin)
-    a weights file       .safetensors / .pt / .bin / .pth holding an OpenCLIP, OpenAI
-                         or HF CLIPModel state dict (a config file beside it is used)
+    HF directory         config.json (model_type "clip" or "siglip") + model.safetensors
+                         (or .bin), and the tokenizer's files where it has them
+    a weights file       .safetensors / .pt / .bin / .pth holding an OpenCLIP, OpenAI,
+                         HF CLIPModel or SiglipModel state dict (a config file beside it
+                         is used)
     hf-hub:ORG/REPO      downloaded with huggingface_hub, then one of the directories
 """
 
@@ -15,14 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from jaxclip.convert import hf, openclip
+from jaxclip.convert import hf, openclip, siglip
 from jaxclip.convert.checkpoint import find_step_dir, read_checkpoint
 from jaxclip.convert.tensors import read_tensors, write_safetensors
+from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.models.registry import ModelConfig, get_model_config
 
@@ -37,6 +42,15 @@ HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 HF_HUB_PREFIX = "hf-hub:"
+# A model directory's tokenizer (SigLIP's SentencePiece, SigLIP 2's Gemma): read with
+# `data.tokenizer=<directory>`, copied into HF exports.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +65,7 @@ class Weights:
     resize_mode: str = "shortest"  # "shortest" (resize + centre crop) or "squash"
     interpolation: str = "bicubic"
     source: str = ""
+    tokenizer: TokenizerSpec = TokenizerSpec()
 
     @property
     def logit_bias(self) -> bool:
@@ -79,8 +94,8 @@ def load_weights(
             return _load_file(_hf_weights_path(path), name)
         raise FileNotFoundError(
             f"{path} is neither a jaxclip checkpoint, an OpenCLIP directory "
-            f"({OPENCLIP_CONFIG} + weights) nor a Hugging Face CLIPModel directory "
-            f"({HF_CONFIG} + {' or '.join(HF_WEIGHTS)})"
+            f"({OPENCLIP_CONFIG} + weights) nor a Hugging Face CLIPModel / "
+            f"SiglipModel directory ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)})"
         )
     return _load_file(path, name)
 
@@ -101,6 +116,7 @@ def _load_checkpoint(path: str, name: str | ModelConfig | None) -> Weights:
         mean=checkpoint.mean or OPENAI_MEAN,
         std=checkpoint.std or OPENAI_STD,
         source=f"jaxclip checkpoint {checkpoint.path}",
+        tokenizer=TokenizerSpec(*checkpoint.tokenizer),
     )
 
 
@@ -118,7 +134,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _is_hf_dir(directory: str) -> bool:
     path = os.path.join(directory, HF_CONFIG)
-    return os.path.isfile(path) and _read_json(path).get("model_type") == "clip"
+    model_types = ("clip", "siglip", "siglip2")  # siglip2 (NaFlex): refused on reading
+    return os.path.isfile(path) and _read_json(path).get("model_type") in model_types
 
 
 def _hf_weights_path(directory: str) -> str:
@@ -160,47 +177,75 @@ def _from_openclip(
     if "model_cfg" in settings:
         described = openclip.config_from_openclip(settings["model_cfg"])
     config, registered = _architecture(
-        name, what, described, lambda: openclip.infer_config(tensors, what), openai
+        name,
+        what,
+        described,
+        lambda: openclip.infer_config(tensors, what),
+        quick_gelu=True if openai else None,
+        siglip_weights=siglip.is_openclip_siglip(tensors),
     )
     logit_bias = "logit_bias" in tensors
     arch = registered or "the inferred architecture"
     variables = openclip.from_openclip(
         tensors, config, logit_bias, what=f"{what} does not match {arch}"
     )
+    mean, std, resize_mode = _default_preprocess(config)
     return Weights(
         config=config,
         variables=variables,
         name=registered,
-        mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
-        std=tuple(preprocess.get("std", OPENAI_STD)),
-        resize_mode=preprocess.get("resize_mode", "shortest"),
+        mean=tuple(preprocess.get("mean", mean)),
+        std=tuple(preprocess.get("std", std)),
+        resize_mode=preprocess.get("resize_mode", resize_mode),
         interpolation=preprocess.get("interpolation", "bicubic"),
         source=what,
     )
 
 
+def _default_preprocess(config: ModelConfig) -> tuple[tuple, tuple, str]:
+    """(mean, std, resize mode) when no file says: SigLIP's or OpenAI's."""
+    if siglip.is_siglip(config):
+        return siglip.SIGLIP_MEAN, siglip.SIGLIP_STD, "squash"
+    return OPENAI_MEAN, OPENAI_STD, "shortest"
+
+
 def _from_hf(
     tensors: Mapping[str, np.ndarray], path: str, name: str | ModelConfig | None
 ) -> Weights:
-    what = f"Hugging Face CLIPModel state dict {path}"
+    is_siglip = siglip.is_hf_siglip(tensors)
+    what = (
+        f"Hugging Face {'SiglipModel' if is_siglip else 'CLIPModel'} state dict {path}"
+    )
     directory = _directory_of(path)
     config_path = os.path.join(directory, HF_CONFIG)
     described = None
     if os.path.isfile(config_path):
         described = hf.config_from_hf(_read_json(config_path))
     config, registered = _architecture(
-        name, what, described, lambda: _infer_hf(tensors, what), openai=False
+        name,
+        what,
+        described,
+        lambda: _infer_hf(tensors, what),
+        quick_gelu=None,
+        siglip_weights=is_siglip,
     )
     arch = registered or "the architecture in config.json"
-    state_dict = hf.hf_to_openclip(tensors, config, f"{what} does not match {arch}")
-    mean_std = hf.preprocess_from_hf(directory) or (OPENAI_MEAN, OPENAI_STD)
+    variables = hf.from_hf(tensors, config, f"{what} does not match {arch}")
+    mean, std, resize_mode = _default_preprocess(config)
+    mean, std = hf.preprocess_from_hf(directory) or (mean, std)
+    # CLIP models keep jaxclip's own BPE, id for id OpenAI's.
+    has_tokenizer = siglip.is_siglip(config) and any(
+        os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES[:3]
+    )
     return Weights(
         config=config,
-        variables=openclip.from_openclip(state_dict, config, what=what),
+        variables=variables,
         name=registered,
-        mean=mean_std[0],
-        std=mean_std[1],
+        mean=mean,
+        std=std,
+        resize_mode=resize_mode,
         source=what,
+        tokenizer=TokenizerSpec(directory) if has_tokenizer else TokenizerSpec(),
     )
 
 
@@ -214,16 +259,20 @@ def _architecture(
     what: str,
     described: ModelConfig | None,
     infer: Callable[[], ModelConfig],
-    openai: bool,
+    quick_gelu: bool | None,
+    siglip_weights: bool,
 ) -> tuple[ModelConfig, str | None]:
     """The architecture to load into and its registered name (or None), from `name`,
     else the config beside the weights (`described`), else the weights' shapes
-    (`infer()`: the heads then come from a registered architecture of those shapes,
-    and the activation is known only for OpenAI's own state dicts)."""
+    (`infer()`: the heads and activations then come from a registered architecture
+    of those shapes; `quick_gelu` is known only for OpenAI's own state dicts, and
+    irrelevant to SigLIP's)."""
+    if siglip_weights:
+        quick_gelu = False
     if described is not None:
         inferred, quick_gelu, heads_known = described, described.quick_gelu, True
     else:
-        inferred, quick_gelu, heads_known = infer(), (True if openai else None), False
+        inferred, heads_known = infer(), False
     return openclip.resolve_config(
         inferred, name, quick_gelu=quick_gelu, heads_known=heads_known, what=what
     )
@@ -231,6 +280,8 @@ def _architecture(
 
 def _infer_hf(tensors: Mapping[str, np.ndarray], what: str) -> ModelConfig:
     """The architecture of an HF state dict without config.json, from its shapes."""
+    if siglip.is_hf_siglip(tensors):
+        return siglip.infer_config(tensors, siglip.HF, what)
     text_layers = openclip.count_indices(
         tensors, r"text_model\.encoder\.layers\.(\d+)\."
     )
@@ -268,7 +319,8 @@ _HF_SHAPE_KEYS = {
 
 
 def download_from_hub(repo_id: str) -> str:
-    """Download an OpenCLIP or HF CLIPModel repository's weights; returns the directory.
+    """Download an OpenCLIP or HF CLIPModel / SiglipModel repository's weights (and a
+    SigLIP model's tokenizer); returns the directory.
 
     Only the files jaxclip reads are fetched (e.g. not a timm copy of the weights).
     """
@@ -280,15 +332,19 @@ def download_from_hub(repo_id: str) -> str:
     if OPENCLIP_CONFIG in files:
         wanted = [OPENCLIP_CONFIG, next(f for f in OPENCLIP_WEIGHTS if f in files)]
     elif HF_CONFIG in files and any(f in files for f in HF_WEIGHTS):
-        wanted = [HF_CONFIG, next(f for f in HF_WEIGHTS if f in files)]
-        wanted += [f for f in ("preprocessor_config.json",) if f in files]
+        config_path = huggingface_hub.hf_hub_download(repo_id, HF_CONFIG)
+        wanted = [next(f for f in HF_WEIGHTS if f in files), "preprocessor_config.json"]
+        if _read_json(config_path).get("model_type") == "siglip":
+            wanted += TOKENIZER_FILES  # CLIP's tokenizer is jaxclip's own
+        wanted = [f for f in wanted if f in files]
     else:
         raise FileNotFoundError(
             f"hf-hub:{repo_id} has neither OpenCLIP ({OPENCLIP_CONFIG}) nor "
-            f"HF CLIPModel ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)}) weights"
+            f"HF CLIPModel / SiglipModel ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)}) "
+            "weights"
         )
     paths = [huggingface_hub.hf_hub_download(repo_id, f) for f in wanted]
-    return os.path.dirname(paths[0])
+    return os.path.dirname(paths[0])  # the hub's snapshot directory, shared by all
 
 
 # ---------------------------------------------------------------------------
@@ -324,35 +380,55 @@ def save_openclip(weights: Weights, directory: str | os.PathLike) -> list[str]:
 
 
 def save_hf(weights: Weights, directory: str | os.PathLike) -> list[str]:
-    """An HF CLIPModel directory: model.safetensors, config.json, preprocessor and
-    tokenizer files (`transformers.CLIPModel.from_pretrained(DIR)` loads it)."""
+    """An HF CLIPModel or SiglipModel directory: model.safetensors, config.json,
+    preprocessor and tokenizer files (`transformers.AutoModel.from_pretrained(DIR)`
+    loads it). A SigLIP model's tokenizer files are copied from the directory its
+    tokenizer was read from (`Weights.tokenizer`), where there is one."""
     directory = os.fspath(directory)
     config = weights.config
-    if config.vision.is_resnet:
-        raise ValueError(
-            "Hugging Face CLIPModel has no ResNet image tower; use the OpenCLIP format"
-        )
-    if weights.logit_bias:
-        raise ValueError(
-            "this model has a SigLIP logit bias, which HF CLIPModel cannot hold; "
-            "use the OpenCLIP format"
-        )
-    hf_state = hf.openclip_to_hf(openclip.to_openclip(weights.variables, config))
+    is_siglip = siglip.is_siglip(config)
+    if is_siglip:
+        siglip.check_hf_exportable(config)
+    hf_state = hf.to_hf(weights.variables, config)  # refuses what HF cannot hold
     logit_scale = float(np.asarray(weights.variables["params"]["logit_scale"]))
     settings = hf.hf_config(config, logit_scale)
+    preprocessor = (siglip if is_siglip else hf).preprocessor_config(
+        config.vision.image_size, weights.mean, weights.std
+    )
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, HF_WEIGHTS[0])
     write_safetensors(weights_path, hf_state)
     paths = [weights_path]
     for file_name, content in (
         (HF_CONFIG, settings),
-        (
-            "preprocessor_config.json",
-            hf.preprocessor_config(config.vision.image_size, weights.mean, weights.std),
-        ),
+        ("preprocessor_config.json", preprocessor),
     ):
         paths.append(os.path.join(directory, file_name))
         with open(paths[-1], "w", encoding="utf-8") as file:
             json.dump(content, file, indent=2)
-    hf.write_tokenizer_files(directory, config.text.context_length)
+    paths += _write_tokenizer(weights, directory)
     return paths
+
+
+def _write_tokenizer(weights: Weights, directory: str) -> list[str]:
+    """The tokenizer's files in an HF export: CLIP's BPE, or a copy of the model
+    directory's own; a warning when there is none to write."""
+    spec = weights.tokenizer
+    if not siglip.is_siglip(weights.config):
+        hf.write_tokenizer_files(directory, weights.config.text.context_length)
+        return [os.path.join(directory, "tokenizer_config.json")]
+    source = spec.kind if os.path.isdir(spec.kind) else None
+    if source is None or os.path.abspath(source) == os.path.abspath(directory):
+        if source is None:
+            warnings.warn(
+                f"no tokenizer files written to {directory}: the model's tokenizer "
+                f"({spec.kind}) is not a model directory; copy its files there",
+                stacklevel=3,
+            )
+        return []
+    copied = []
+    for file_name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, file_name)):
+            copied.append(os.path.join(directory, file_name))
+            shutil.copyfile(os.path.join(source, file_name), copied[-1])
+    return copied

@@ -1,9 +1,10 @@
-"""Hugging Face `CLIPModel` (ViT family) <-> OpenCLIP state dicts, and HF's files.
+"""Hugging Face `CLIPModel` (ViT family) and `SiglipModel` weights, and HF's files.
 
 HF splits the fused attention projection into q/k/v, stores both output projections
 as Linear weights ([embed, width]) and names things differently; everything else is
-the same tensor. The conversion goes through OpenCLIP's layout (`openclip.py`), so the
-two formats share one mapping onto jaxclip's parameters.
+the same tensor. The conversion renames the canonical keys (`openclip.layout`; for
+CLIP, OpenCLIP's own) with a `renaming.Renaming`: `CLIP_HF` below, `siglip.HF` for
+SigLIP, so every format shares one mapping onto jaxclip's parameters.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxclip.convert import openclip
+from jaxclip.convert import openclip, siglip
+from jaxclip.convert.renaming import Renaming
 from jaxclip.models.registry import ModelConfig, TextConfig, VisionConfig
 
 # Non-persistent in current transformers, saved by older versions.
@@ -64,93 +66,48 @@ _RULES = [
         for pattern, hf, kind in _TOWER
     ],
 ]
-_COMPILED = [(re.compile(pattern), hf, kind) for pattern, hf, kind in _RULES]
+CLIP_HF = Renaming("Hugging Face CLIPModel", _RULES)
 
 
-def _rule(key: str) -> tuple[list[str], str]:
-    """HF keys (three for a fused q/k/v tensor) and the conversion for an OpenCLIP key."""
-    for pattern, template, kind in _COMPILED:
-        match = pattern.fullmatch(key)
-        if match is None:
-            continue
-        groups = match.groups()
-        if template.count("{i}"):
-            layer, *groups = groups
-            template = template.replace("{i}", layer)
-        name = template.format(*groups) if groups else template
-        if kind == "qkv":
-            return [name.format(part) for part in ("q", "k", "v")], kind
-        return [name], kind
-    raise ValueError(f"{key} has no Hugging Face CLIPModel counterpart")
-
-
-def _hf_shapes(key: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    names, kind = _rule(key)
-    if kind == "transpose":
-        return {names[0]: shape[::-1]}
-    if kind == "qkv":
-        return {name: (shape[0] // 3, *shape[1:]) for name in names}
-    return {names[0]: shape}
-
-
-def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF CLIPModel key and shape for this architecture."""
+def _renaming(config: ModelConfig) -> Renaming:
+    """HF's keys for this architecture: `SiglipModel`'s or `CLIPModel`'s."""
     if config.vision.is_resnet:
         raise ValueError(
             "Hugging Face CLIPModel has no ResNet image tower; use the OpenCLIP format"
         )
-    shapes: dict[str, tuple[int, ...]] = {}
-    for entry in openclip.layout(config):
-        shapes.update(_hf_shapes(entry.key, entry.torch_shape))
-    return shapes
+    return siglip.HF if siglip.is_siglip(config) else CLIP_HF
 
 
-def openclip_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """OpenCLIP ViT state dict -> HF CLIPModel state dict."""
-    out = {}
-    for key, value in state_dict.items():
-        if openclip.ignored_key(key):
-            continue
-        if key == "logit_bias":
-            raise ValueError(
-                "this model has a SigLIP logit bias, which HF CLIPModel cannot hold; "
-                "use the OpenCLIP format"
-            )
-        names, kind = _rule(key)
-        if kind == "transpose":
-            out[names[0]] = np.asarray(value.T, order="C")
-        elif kind == "qkv":
-            for name, part in zip(names, np.split(value, 3, axis=0)):
-                out[name] = np.asarray(part, order="C")
-        else:
-            out[names[0]] = value
-    return out
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF key and shape for this architecture (CLIPModel or SiglipModel)."""
+    return _renaming(config).expected_shapes(openclip.canonical_shapes(config))
 
 
-def hf_to_openclip(
-    tensors: Mapping[str, np.ndarray], config: ModelConfig, what: str
-) -> dict[str, np.ndarray]:
-    """HF CLIPModel state dict -> OpenCLIP state dict, checked key by key in HF names."""
-    openclip.check_keys(
+def to_hf(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
+    """jaxclip variables -> an HF CLIPModel / SiglipModel state dict."""
+    renaming = _renaming(config)
+    if "logit_bias" in variables["params"] and renaming is CLIP_HF:
+        raise ValueError(
+            "this model has a SigLIP logit bias, which HF CLIPModel cannot hold; "
+            "use the OpenCLIP format"
+        )
+    return renaming.rename(openclip.to_canonical(variables, config))
+
+
+def from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig, what: str) -> dict:
+    """HF CLIPModel / SiglipModel state dict -> jaxclip variables, checked key by key
+    in HF's names."""
+    canonical = _renaming(config).restore(
         tensors,
-        expected_hf_shapes(config),
+        openclip.canonical_shapes(config),
         what,
-        ignore=lambda k: bool(_IGNORED.match(k)),
+        ignore=lambda key: bool(_IGNORED.match(key)),
     )
-    out = {}
-    for entry in openclip.layout(config):
-        names, kind = _rule(entry.key)
-        if kind == "transpose":
-            out[entry.key] = np.asarray(tensors[names[0]]).T
-        elif kind == "qkv":
-            out[entry.key] = np.concatenate([np.asarray(tensors[n]) for n in names])
-        else:
-            out[entry.key] = np.asarray(tensors[names[0]])
-    return out
+    return openclip.from_canonical(canonical, config, what=what)
 
 
 def is_hf_state_dict(keys: Iterable[str]) -> bool:
-    """Whether keys look like HF CLIPModel's."""
+    """Whether keys look like HF CLIPModel's or SiglipModel's."""
     return any(k.startswith(("text_model.", "vision_model.")) for k in keys)
 
 
@@ -162,11 +119,21 @@ _ACTIVATIONS = {"quick_gelu": True, "gelu": False}
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from an HF CLIPModel config.json dict."""
-    if hf_config.get("model_type", "clip") != "clip":
+    """ModelConfig from an HF CLIPModel or SiglipModel config.json dict."""
+    model_type = hf_config.get("model_type", "clip")
+    if model_type == "siglip":
+        return siglip.config_from_hf(hf_config)
+    if model_type == "siglip2":
         raise ValueError(
-            f"config.json has model_type={hf_config.get('model_type')!r}; "
-            "jaxclip reads HF CLIPModel ('clip') checkpoints"
+            "config.json has model_type='siglip2': a NaFlex (variable-resolution) "
+            "SigLIP 2 checkpoint (Siglip2Model), which jaxclip does not read. The "
+            "fixed-resolution SigLIP 2 checkpoints (e.g. google/siglip2-base-patch16-"
+            "224) are SiglipModel directories (model_type 'siglip') and load"
+        )
+    if model_type != "clip":
+        raise ValueError(
+            f"config.json has model_type={model_type!r}; jaxclip reads HF CLIPModel "
+            "('clip') and SiglipModel ('siglip') checkpoints"
         )
     text, vision = hf_config.get("text_config", {}), hf_config.get("vision_config", {})
     acts = {
@@ -210,9 +177,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
 
 
 def hf_config(config: ModelConfig, logit_scale: float) -> dict[str, Any]:
-    """HF CLIPModel config.json for a jaxclip ViT architecture."""
+    """HF CLIPModel (or, for SigLIP, SiglipModel) config.json for an architecture."""
     if config.vision.is_resnet:
         raise ValueError("Hugging Face CLIPModel has no ResNet image tower")
+    if siglip.is_siglip(config):
+        return siglip.hf_config(config)
     act = "quick_gelu" if config.quick_gelu else "gelu"
     vision, text = config.vision, config.text
     return {

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from jaxclip.convert import siglip
 from jaxclip.convert.tensors import as_float32
 from jaxclip.models.build import abstract_variables, create_model
 from jaxclip.models.registry import (
@@ -194,6 +195,23 @@ def check_keys(
         raise ValueError(f"{what}:\n" + "\n".join(problems))
 
 
+def canonical_shapes(
+    config: ModelConfig, logit_bias: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Every canonical torch key of this architecture and its shape."""
+    return {entry.key: entry.torch_shape for entry in layout(config, logit_bias)}
+
+
+def expected_shapes(
+    config: ModelConfig, logit_bias: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of this architecture's OpenCLIP state dict."""
+    shapes = canonical_shapes(config, logit_bias)
+    return (
+        siglip.OPENCLIP.expected_shapes(shapes) if siglip.is_siglip(config) else shapes
+    )
+
+
 def from_openclip(
     tensors: Mapping[str, np.ndarray],
     config: ModelConfig,
@@ -202,8 +220,28 @@ def from_openclip(
 ) -> dict:
     """OpenCLIP / OpenAI state dict -> jaxclip variables (NumPy float32), strictly.
 
+    A SigLIP architecture reads OpenCLIP's timm-named layout (`siglip.OPENCLIP`).
     `what` names the source and the architecture in error messages.
     """
+    if siglip.is_siglip(config):
+        shapes = canonical_shapes(config, logit_bias)
+        tensors = siglip.OPENCLIP.restore(tensors, shapes, what, ignore=ignored_key)
+    return from_canonical(tensors, config, logit_bias, what)
+
+
+def to_openclip(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
+    """jaxclip variables -> OpenCLIP state dict (float32; BatchNorm counters are 0)."""
+    canonical = to_canonical(variables, config)
+    return siglip.OPENCLIP.rename(canonical) if siglip.is_siglip(config) else canonical
+
+
+def from_canonical(
+    tensors: Mapping[str, np.ndarray],
+    config: ModelConfig,
+    logit_bias: bool = False,
+    what: str = "OpenCLIP state dict",
+) -> dict:
+    """A state dict in canonical keys (`layout`) -> jaxclip variables, strictly."""
     entries = layout(config, logit_bias)
     check_keys(tensors, {e.key: e.torch_shape for e in entries}, what)
     stacks: dict[tuple[str, tuple[str, ...]], list[np.ndarray]] = {}
@@ -223,8 +261,8 @@ def from_openclip(
     }
 
 
-def to_openclip(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
-    """jaxclip variables -> OpenCLIP state dict (float32; BatchNorm counters are 0)."""
+def to_canonical(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
+    """jaxclip variables -> a state dict in canonical keys (float32)."""
     params = variables["params"]
     logit_bias = "logit_bias" in params
     trees = {
@@ -278,6 +316,8 @@ def infer_config(
     Attention heads are not stored in the weights: this assumes 64-wide heads, which
     `resolve_config` corrects from a registered architecture or a config file.
     """
+    if siglip.is_openclip_siglip(tensors):
+        return siglip.infer_config(tensors, siglip.OPENCLIP, what)
     if any(k.startswith(("visual.trunk.", "text.")) for k in tensors):
         raise ValueError(
             f"the {what} has a timm or Hugging Face tower (visual.trunk.* / text.*); "
@@ -327,8 +367,8 @@ def _shapes_only(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(
         config,
         quick_gelu=False,
-        vision=dataclasses.replace(config.vision, head_width=0),
-        text=dataclasses.replace(config.text, heads=0),
+        vision=dataclasses.replace(config.vision, head_width=0, act=None),
+        text=dataclasses.replace(config.text, heads=0, act=None),
     )
 
 
@@ -478,6 +518,8 @@ def config_from_openclip(model_cfg: Mapping[str, Any]) -> ModelConfig:
     model_cfg = dict(model_cfg.get("model_cfg", model_cfg))
     vision_cfg = dict(model_cfg.get("vision_cfg", {}))
     text_cfg = dict(model_cfg.get("text_cfg", {}))
+    if "siglip" in str(vision_cfg.get("timm_model_name")):
+        return siglip.config_from_openclip(model_cfg)
     _check_options(
         model_cfg,
         "model_cfg",
@@ -486,7 +528,8 @@ def config_from_openclip(model_cfg: Mapping[str, Any]) -> ModelConfig:
     )  # fmt: skip
     if vision_cfg.get("timm_model_name") or text_cfg.get("hf_model_name"):
         raise ValueError(
-            "OpenCLIP models with timm or Hugging Face towers are not supported"
+            "OpenCLIP models with timm or Hugging Face towers are not supported, "
+            "except timm's SigLIP image towers"
         )
     _check_options(
         vision_cfg,
@@ -533,6 +576,8 @@ def config_from_openclip(model_cfg: Mapping[str, Any]) -> ModelConfig:
 
 def openclip_model_cfg(config: ModelConfig, logit_bias: bool = False) -> dict:
     """OpenCLIP's model config dict for a jaxclip architecture."""
+    if siglip.is_siglip(config):
+        return siglip.openclip_model_cfg(config)
     vision, text = config.vision, config.text
     vision_cfg: dict[str, Any] = {
         "image_size": vision.image_size,

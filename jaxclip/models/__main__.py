@@ -23,10 +23,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(counts, indent=2))
         return
-    print(f"{'model':<24}{'visual':>16}{'text':>16}{'total':>16}")
+    print(f"{'model':<28}{'visual':>16}{'text':>16}{'total':>16}")
     for name, count in counts.items():
         print(
-            f"{name:<24}{count['visual']:>16,}{count['text']:>16,}{count['total']:>16,}"
+            f"{name:<28}{count['visual']:>16,}{count['text']:>16,}{count['total']:>16,}"
         )
 
 

@@ -31,7 +31,8 @@ class CLIP(nn.Module):
     """Two towers plus a learnable log temperature (and, for SigLIP, a bias).
 
     `use_logit_bias=True` gives the SigLIP variant: the scale is initialised to log 10
-    and a learned bias, the `logit_bias` parameter, to -10. Build it with
+    and a learned bias, the `logit_bias` parameter, to -10 (always on for the SigLIP
+    architectures, `config.logit_bias`). Build it with
     `jaxclip.models.build.create_model`, which also picks `scan` for the platform.
     """
 
@@ -46,7 +47,9 @@ class CLIP(nn.Module):
         vision, text = cfg.vision, cfg.text
         # What both transformer towers share (`layers.StackOptions`), apart from the
         # MLP ratio, which is per tower.
-        stack = dict(act=cfg.act, dtype=self.dtype, scan=self.scan, remat=self.remat)
+        stack = dict(
+            dtype=self.dtype, scan=self.scan, remat=self.remat, norm_eps=cfg.norm_eps
+        )
         if vision.is_resnet:
             self.visual = ModifiedResNet(
                 layers=tuple(vision.layers),
@@ -64,6 +67,8 @@ class CLIP(nn.Module):
                 num_layers=vision.layers,
                 num_heads=vision.heads,
                 output_dim=cfg.embed_dim,
+                pool=vision.pool,
+                act=cfg.vision_act,
                 mlp_ratio=vision.mlp_ratio,
                 **stack,
             )
@@ -74,19 +79,28 @@ class CLIP(nn.Module):
             num_layers=text.layers,
             num_heads=text.heads,
             output_dim=cfg.embed_dim,
+            causal=text.causal,
+            pool=text.pool,
+            proj_bias=text.proj_bias,
+            act=cfg.text_act,
             mlp_ratio=text.mlp_ratio,
             **stack,
         )
         init_scale = (
-            SIGLIP_INIT_LOGIT_SCALE if self.use_logit_bias else CLIP_INIT_LOGIT_SCALE
+            SIGLIP_INIT_LOGIT_SCALE if self.has_logit_bias else CLIP_INIT_LOGIT_SCALE
         )
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(init_scale), ()
         )
-        if self.use_logit_bias:
+        if self.has_logit_bias:
             self.logit_bias = self.param(
                 "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
             )
+
+    @property
+    def has_logit_bias(self) -> bool:
+        """Whether the model holds a `logit_bias` parameter."""
+        return self.use_logit_bias or self.config.logit_bias
 
     def encode_image(
         self, images: jax.Array, train: bool = False, normalize: bool = True
@@ -109,6 +123,6 @@ class CLIP(nn.Module):
             "text_emb": self.encode_text(tokens),
             "logit_scale": self.logit_scale,
         }
-        if self.use_logit_bias:
+        if self.has_logit_bias:
             out["logit_bias"] = self.logit_bias
         return out

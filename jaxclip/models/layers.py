@@ -8,6 +8,7 @@ names; the rules in `jaxclip/sharding.py` map them onto the device mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ Dtype = Any
 #   heads    attention heads              kv       per-head width
 #   vocab    text vocabulary              layers   stacked layer axis (from nn.scan)
 #   conv_in / conv_out   convolution channels
-LN_EPS = 1e-5  # OpenAI / OpenCLIP LayerNorm epsilon (Flax's default is 1e-6).
+LN_EPS = 1e-5  # OpenAI / OpenCLIP LayerNorm epsilon; SigLIP's towers use 1e-6.
 
 
 def logical(init: Callable, axes: tuple[str | None, ...]) -> Callable:
@@ -91,8 +92,14 @@ def _lookup(table: Mapping[str, Any], kind: str, name: str) -> Any:
     return table[name]
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation (torch's `GELU(approximate='tanh')`), SigLIP's."""
+    return jax.nn.gelu(x, approximate=True)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
 }
@@ -103,12 +110,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _lookup(ACTIVATIONS, "activation", name)
 
 
-def layer_norm(x: jax.Array, name: str, dtype: Dtype = jnp.float32) -> jax.Array:
-    """LayerNorm with eps 1e-5, computed in float32 and cast back (as OpenCLIP does).
+def layer_norm(
+    x: jax.Array, name: str, dtype: Dtype = jnp.float32, eps: float = LN_EPS
+) -> jax.Array:
+    """LayerNorm computed in float32 and cast back (as OpenCLIP does).
 
     Call it inside a compact method; it adds the submodule `name` with `scale`/`bias`.
     """
-    return LayerNorm(name=name)(x).astype(dtype)
+    return LayerNorm(eps, name=name)(x).astype(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -119,6 +128,8 @@ class LayerNorm(nn.Module):
     the normalised activations and broadcast copies of the gain as well.
     """
 
+    eps: float = LN_EPS
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
@@ -128,32 +139,35 @@ class LayerNorm(nn.Module):
         bias = self.param(
             "bias", logical(nn.initializers.zeros, ("embed",)), (width,), jnp.float32
         )
-        return _layer_norm(x, scale, bias)
+        return _layer_norm(x, scale, bias, self.eps)
 
 
-def _layer_norm_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _layer_norm_stats(
+    x: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     centred = x - mean
-    inv_std = jax.lax.rsqrt(
-        jnp.mean(centred * centred, axis=-1, keepdims=True) + LN_EPS
-    )
+    inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
     return centred, mean, inv_std
 
 
-@jax.custom_vjp
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> jax.Array:
     """float32 [..., width] out of any input dtype."""
-    centred, _, inv_std = _layer_norm_stats(x)
+    centred, _, inv_std = _layer_norm_stats(x, eps)
     return centred * inv_std * scale + bias
 
 
-def _layer_norm_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array):
-    centred, mean, inv_std = _layer_norm_stats(x)
+def _layer_norm_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    centred, mean, inv_std = _layer_norm_stats(x, eps)
     return centred * inv_std * scale + bias, (x, mean, inv_std, scale)
 
 
-def _layer_norm_bwd(residuals, grad: jax.Array):
+def _layer_norm_bwd(eps: float, residuals, grad: jax.Array):
+    del eps  # 1/std is among the residuals
     x, mean, inv_std, scale = jax.lax.optimization_barrier(residuals)  # as above
     normed = (x.astype(jnp.float32) - mean) * inv_std
     batch_axes = tuple(range(grad.ndim - 1))
@@ -192,7 +206,9 @@ class MultiHeadAttention(nn.Module):
     proj_std: float | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, inputs_kv: jax.Array | None = None) -> jax.Array:
+        """Self-attention over `x` [batch, length, width]; with `inputs_kv`, `x` holds
+        the queries and `inputs_kv` [batch, length_kv, width] the keys and values."""
         width = x.shape[-1]
         head_dim = head_width(width, self.num_heads)
         attn_std = self.attn_std or width**-0.5
@@ -218,7 +234,15 @@ class MultiHeadAttention(nn.Module):
         x = x.astype(self.dtype)
         kernel = in_proj_kernel.astype(self.dtype)
         bias = in_proj_bias.astype(self.dtype)
-        if jax.default_backend() == "cpu":
+        if inputs_kv is not None:
+            query = jnp.einsum("bld,dhk->blhk", x, kernel[:, 0]) + bias[0]
+            key_value = jnp.einsum(
+                "bld,dthk->tblhk", inputs_kv.astype(self.dtype), kernel[:, 1:]
+            )
+            key_value = key_value + bias[1:, None, None]
+            out = dot_product_attention(query, key_value[0], key_value[1], self.causal)
+            out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
+        elif jax.default_backend() == "cpu":
             # Heads-major [3, batch, heads, length, head_dim] straight out of the
             # projection: the attention matmuls then batch over (batch, heads)
             # without transposing q, k, v or the output.
@@ -374,6 +398,7 @@ class ResidualAttentionBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     num_layers: int = 12  # only for the initialisation scale of residual projections
+    norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
@@ -381,12 +406,12 @@ class ResidualAttentionBlock(nn.Module):
         # OpenCLIP's text-tower init: residual projections shrink with depth.
         proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
         x = constrain(x, ("batch", "length", "embed"))
-        y = layer_norm(x, "ln_1", self.dtype)
+        y = layer_norm(x, "ln_1", self.dtype, self.norm_eps)
         y = MultiHeadAttention(
             self.num_heads, self.causal, self.dtype, proj_std=proj_std, name="attn"
         )(y)
         x = x + y
-        y = layer_norm(x, "ln_2", self.dtype)
+        y = layer_norm(x, "ln_2", self.dtype, self.norm_eps)
         y = Mlp(self.mlp_ratio, self.act, self.dtype, proj_std=proj_std, name="mlp")(y)
         x = constrain(x + y, ("batch", "length", "embed"))
         return x, None  # (carry, per-layer output) as nn.scan expects
@@ -421,6 +446,7 @@ class StackOptions(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = True  # False: unroll the layer loop (faster steps on the CPU)
     remat: str = "none"  # a key of REMAT_POLICIES
+    norm_eps: float = LN_EPS  # every LayerNorm of the tower
 
 
 def tower_transformer(tower: StackOptions, causal: bool) -> Transformer:
@@ -476,6 +502,7 @@ class Transformer(StackOptions):
             self.mlp_ratio,
             self.dtype,
             self.num_layers,
+            self.norm_eps,
             name="resblocks",
         )(x, None)
         return x

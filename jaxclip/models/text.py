@@ -1,4 +1,4 @@
-"""Causal text transformer, laid out like OpenCLIP's text tower."""
+"""Text transformers: OpenCLIP's causal tower (CLIP) and SigLIP's bidirectional one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxclip.models.layers import (
+    Dense,
     StackOptions,
     constrain,
     layer_norm,
@@ -14,13 +15,19 @@ from jaxclip.models.layers import (
     tower_transformer,
 )
 
+POOLS = ("argmax", "last")
+
 
 class TextTransformer(StackOptions):
-    """Token + position embedding -> causal blocks -> ln_final -> EOT pooling -> proj.
+    """Token + position embedding -> blocks -> ln_final -> pooling -> projection.
 
-    The pooled token is the end-of-text token, found as the argmax of the token ids
-    (EOT has the largest id in the CLIP vocabulary), as in OpenAI CLIP. `act`,
-    `mlp_ratio`, `dtype`, `scan` and `remat` are keyword-only (`StackOptions`).
+    CLIP (the defaults): causal attention; the pooled token is the end-of-text token,
+    found as the argmax of the token ids (EOT has the largest id in the CLIP
+    vocabulary), as in OpenAI CLIP; a bias-free projection `text_projection`.
+    SigLIP: `causal=False` (every token sees every other, padding included),
+    `pool="last"` (the last position) and `proj_bias=True` (`text_projection` is a
+    Dense layer with a bias). `act`, `mlp_ratio`, `dtype`, `scan`, `remat` and
+    `norm_eps` are keyword-only (`StackOptions`).
     """
 
     vocab_size: int
@@ -29,6 +36,9 @@ class TextTransformer(StackOptions):
     num_layers: int
     num_heads: int
     output_dim: int
+    causal: bool = True
+    pool: str = "argmax"
+    proj_bias: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -38,6 +48,8 @@ class TextTransformer(StackOptions):
                 f"tokens have length {tokens.shape[-1]}, the model's context_length is "
                 f"{self.context_length}"
             )
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
         token_embedding = nn.Embed(
             self.vocab_size,
             self.width,
@@ -52,10 +64,21 @@ class TextTransformer(StackOptions):
         )
         x = token_embedding(tokens) + positional_embedding.astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        x = tower_transformer(self, causal=True)(x)
-        x = layer_norm(x, "ln_final", self.dtype)
-        eot = jnp.argmax(tokens, axis=-1)  # [batch]
-        pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+        x = tower_transformer(self, causal=self.causal)(x)
+        x = layer_norm(x, "ln_final", self.dtype, self.norm_eps)
+        if self.pool == "last":
+            pooled = x[:, -1]
+        else:
+            eot = jnp.argmax(tokens, axis=-1)  # [batch]
+            pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+        if self.proj_bias:
+            return Dense(
+                self.output_dim,
+                ("embed", "proj"),
+                self.width**-0.5,
+                dtype=self.dtype,
+                name="text_projection",
+            )(pooled)
         text_projection = self.param(
             "text_projection",
             logical(nn.initializers.normal(self.width**-0.5), ("embed", "proj")),

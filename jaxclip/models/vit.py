@@ -1,4 +1,5 @@
-"""Vision Transformer image tower, laid out like OpenCLIP's `VisionTransformer`."""
+"""Vision Transformer image towers: OpenCLIP's `VisionTransformer` (class token) and
+SigLIP's (no class token, attention-pooling head)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxclip.models.layers import (
+    Mlp,
+    MultiHeadAttention,
     StackOptions,
     constrain,
     layer_norm,
@@ -14,12 +17,23 @@ from jaxclip.models.layers import (
     tower_transformer,
 )
 
+POOLS = ("tok", "map")
+
 
 class VisionTransformer(StackOptions):
-    """Patch embedding (no bias) + class token + positions -> ln_pre -> blocks -> ln_post.
+    """Patch embedding + positions -> blocks -> final LayerNorm -> pooling.
 
-    The class token's final state goes through `ln_post` and a bias-free projection.
-    `act`, `mlp_ratio`, `dtype`, `scan` and `remat` are keyword-only (`StackOptions`).
+    `pool="tok"` (CLIP): a class token, patch embedding without bias, `ln_pre` before
+    the blocks; the class token's final state goes through `ln_post` and a bias-free
+    projection to `output_dim`.
+
+    `pool="map"` (SigLIP): no class token, patch embedding with bias, no `ln_pre`;
+    `ln_post` normalises every token and a multi-head attention-pooling head
+    (`MAPHead`) gives the embedding, `width` wide (no projection: `output_dim` must
+    equal `width`).
+
+    `act`, `mlp_ratio`, `dtype`, `scan`, `remat` and `norm_eps` are keyword-only
+    (`StackOptions`).
     """
 
     image_size: int
@@ -28,6 +42,7 @@ class VisionTransformer(StackOptions):
     num_layers: int
     num_heads: int
     output_dim: int
+    pool: str = "tok"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -38,10 +53,28 @@ class VisionTransformer(StackOptions):
                 f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
                 f"{self.image_size}x{self.image_size}"
             )
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
         tokens = self.patch_tokens(images)
-        tokens = layer_norm(tokens, "ln_pre", self.dtype)
+        if self.pool == "tok":
+            tokens = self.norm(tokens, "ln_pre")
         tokens = tower_transformer(self, causal=False)(tokens)
-        pooled = layer_norm(tokens[:, 0], "ln_post", self.dtype)  # [batch, width]
+        if self.pool == "map":
+            if self.output_dim != self.width:
+                raise ValueError(
+                    f"an attention-pooled ViT has no projection: output_dim "
+                    f"{self.output_dim} must equal its width {self.width}"
+                )
+            tokens = self.norm(tokens, "ln_post")
+            return MAPHead(
+                self.num_heads,
+                self.mlp_ratio,
+                self.act,
+                self.dtype,
+                self.norm_eps,
+                name="attn_pool",
+            )(tokens)
+        pooled = self.norm(tokens[:, 0], "ln_post")  # [batch, width]
         proj = self.param(
             "proj",
             logical(nn.initializers.normal(self.width**-0.5), ("embed", "proj")),
@@ -49,32 +82,38 @@ class VisionTransformer(StackOptions):
         )
         return pooled @ proj.astype(self.dtype)
 
+    def norm(self, x: jax.Array, name: str) -> jax.Array:
+        return layer_norm(x, name, self.dtype, self.norm_eps)
+
     def patch_tokens(self, images: jax.Array) -> jax.Array:
-        """Images -> class token and patches with positions, [batch, 1 + grid², width]."""
-        scale = self.width**-0.5
+        """Images -> (class token and) patches with positions, [batch, tokens, width]."""
+        class_token = self.pool == "tok"
+        scale = self.width**-0.5 if class_token else 0.02
         patches = nn.Conv(
             self.width,
             kernel_size=(self.patch_size, self.patch_size),
             strides=(self.patch_size, self.patch_size),
             padding="VALID",
-            use_bias=False,
+            use_bias=not class_token,
             dtype=self.dtype,
             kernel_init=logical(
                 nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")
             ),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
             name="conv1",
         )(images.astype(self.dtype))
         batch = patches.shape[0]
         tokens = patches.reshape(batch, -1, self.width)  # [batch, grid*grid, width]
-        class_embedding = self.param(
-            "class_embedding",
-            logical(nn.initializers.normal(scale), ("embed",)),
-            (self.width,),
-        )
-        class_token = jnp.broadcast_to(
-            class_embedding.astype(self.dtype), (batch, 1, self.width)
-        )
-        tokens = jnp.concatenate([class_token, tokens], axis=1)
+        if class_token:
+            class_embedding = self.param(
+                "class_embedding",
+                logical(nn.initializers.normal(scale), ("embed",)),
+                (self.width,),
+            )
+            class_token = jnp.broadcast_to(
+                class_embedding.astype(self.dtype), (batch, 1, self.width)
+            )
+            tokens = jnp.concatenate([class_token, tokens], axis=1)
         positional_embedding = self.param(
             "positional_embedding",
             logical(nn.initializers.normal(scale), ("length", "embed")),
@@ -82,3 +121,34 @@ class VisionTransformer(StackOptions):
         )
         tokens = tokens + positional_embedding.astype(self.dtype)
         return constrain(tokens, ("batch", "length", "embed"))
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling (big_vision's "MAP" head, SigLIP's image pooling).
+
+    A learned probe attends over the tokens; then a pre-LN MLP with a residual:
+    `y = attn(probe, tokens)`, `out = y + mlp(ln(y))`, [batch, width]. Parameters:
+    `probe` [width], `attn` (fused q/k/v like the blocks'), `ln`, `mlp`.
+    """
+
+    num_heads: int
+    mlp_ratio: float
+    act: str
+    dtype: jnp.dtype
+    norm_eps: float
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        width = tokens.shape[-1]
+        probe = self.param(
+            "probe",
+            logical(nn.initializers.normal(width**-0.5), ("embed",)),
+            (width,),
+        )
+        query = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
+        pooled = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
+            query, tokens
+        )
+        normed = layer_norm(pooled, "ln", self.dtype, self.norm_eps)
+        pooled = pooled + Mlp(self.mlp_ratio, self.act, self.dtype, name="mlp")(normed)
+        return pooled[:, 0]
