@@ -506,6 +506,12 @@ class _SentencePieceEncoder:
         unk = settings.tokens["unk_token"]
         self._unk = unk.content if unk else ""
         self._unk_length = len(self._processor.encode(self._unk))
+        underline = self._processor.piece_to_id(SPIECE_UNDERLINE)
+        self._underline_id = (
+            underline
+            if self._processor.id_to_piece(underline) == SPIECE_UNDERLINE
+            else None
+        )
         self._lower = settings.config.get("do_lower_case", True)
         self.token_id: Callable[[str], int | None] = self._added_ids.get
         self.vocab_size = max(
@@ -535,31 +541,38 @@ class _SentencePieceEncoder:
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Split each text on the added tokens; encode all other parts in one call.
+        # Split each text on the matched tokens; encode all other parts in one call.
         if self._siglip:  # SiglipTokenizer.tokenize's prefix
             texts = [SPIECE_UNDERLINE + t.replace(SPIECE_UNDERLINE, " ") for t in texts]
         split = [self._split(text) for text in texts]
         plain = [part for parts in split for part in parts if part not in self._matched]
         if self._siglip:
             # SiglipTokenizer._tokenize encodes the unk token and the part, then drops
-            # the unk token's pieces (the model's dummy prefix went onto them).
+            # the unk token's ids (the model's dummy prefix went onto them).
             plain = [self._unk + self._canonicalize(part) for part in plain]
-            pieces = iter(self._processor.encode(plain, out_type=str))
-        else:
-            pieces = iter(self._processor.encode(plain))
+        encoded = iter(self._processor.encode(plain))
         rows = []
         for parts in split:
-            tokens = []
+            tokens = []  # matched tokens as str, the model's ids as int
             for part in parts:
                 if part in self._matched:
                     tokens.append(part)
                 elif self._siglip:
-                    encoded = next(pieces)
-                    skip = self._unk_length if len(encoded) >= self._unk_length else 0
-                    tokens.extend(encoded[skip:])
+                    ids = next(encoded)
+                    skip = self._unk_length if len(ids) >= self._unk_length else 0
+                    tokens.extend(ids[skip:])
                 else:
-                    tokens.extend(next(pieces))
-            rows.append(self._ids(tokens))
+                    tokens.extend(next(encoded))
+            # SiglipTokenizer drops the prefix's lone '▁' where a special token follows.
+            if (
+                self._siglip
+                and tokens[:1] == [self._underline_id]
+                and len(tokens) > 1
+                and tokens[1] in self._special
+            ):
+                tokens = tokens[1:]
+            ids = self._added_ids
+            rows.append([ids[t] if isinstance(t, str) else t for t in tokens])
         return rows
 
     def _split(self, text: str) -> list[str]:
@@ -582,22 +595,6 @@ class _SentencePieceEncoder:
             text = text.lower()
         text = text.translate(_NO_PUNCTUATION)
         return re.sub(r"\s+", " ", text).strip()
-
-    def _ids(self, tokens: list[str | int]) -> list[int]:
-        """Matched tokens (str) and pieces (str for SigLIP, ids for Gemma) to ids."""
-        if not self._siglip:
-            return [self._added_ids[t] if isinstance(t, str) else t for t in tokens]
-        # SiglipTokenizer drops the prefix's lone '▁' where a special token follows.
-        if (
-            len(tokens) > 1
-            and tokens[0] == SPIECE_UNDERLINE
-            and tokens[1] in self._special
-        ):
-            tokens = tokens[1:]
-        piece_id = self._processor.piece_to_id
-        return [
-            self._added_ids[t] if t in self._matched else piece_id(t) for t in tokens
-        ]
 
 
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
