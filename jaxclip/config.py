@@ -105,7 +105,7 @@ def _data_fields() -> ml_collections.ConfigDict:
     data.crop = "random_square"  # random_square | random_resized | center
     data.crop_scale = (0.9, 1.0)  # random_resized: area fraction range
     data.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # more: skipped as a bomb
-    data.tokenizer = "clip"  # clip | sentencepiece
+    data.tokenizer = "clip"  # clip | sentencepiece | an HF model directory (SigLIP 1/2)
     data.tokenizer_model = ""  # sentencepiece: the .model file
     data.shuffle = True  # a new order each epoch, from the seed
     data.threads = 4  # decoding threads per process (or per worker)

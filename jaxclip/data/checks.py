@@ -18,6 +18,7 @@ from jaxclip.config_rules import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     ConfigError,
+    Rule,
     check_fields,
     one_of,
 )
@@ -40,12 +41,16 @@ _PATH_MEANS = {
 
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """The data fields, and that every file they name exists (an error at start)."""
-    from jaxclip.data.tokenizer import TOKENIZERS
+    from jaxclip.data.tokenizer import TOKENIZER_FILES, TOKENIZERS, has_tokenizer_files
 
     data = config.data
     rules = {
         "crop": one_of(CROPS),
-        "tokenizer": one_of(TOKENIZERS),
+        "tokenizer": Rule(
+            lambda value: value in TOKENIZERS or has_tokenizer_files(value),
+            f"must be one of {list(TOKENIZERS)} or a Hugging Face model directory "
+            f"holding tokenizer files ({', '.join(TOKENIZER_FILES)})",
+        ),
         "threads": NON_NEGATIVE_INT,
         "workers": NON_NEGATIVE_INT,
         "prefetch": NON_NEGATIVE_INT,
@@ -63,10 +68,23 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
             f"data.tokenizer='sentencepiece' needs data.tokenizer_model, a "
             f"SentencePiece .model file; {data.tokenizer_model!r} does not exist"
         )
+    if data.tokenizer not in TOKENIZERS:
+        _check_hf_tokenizer(data.tokenizer)
     if data.source == "mix":
         _check_mix(config)
     else:
         check_data_path(data.source, data.path, config, f"data.source={data.source!r}")
+
+
+def _check_hf_tokenizer(directory: str) -> None:
+    """Read the directory's tokenizer now (cached for the pipeline in this process), so
+    that a setting HFTokenizer refuses, or a missing package, is an error at start."""
+    from jaxclip.data.tokenizer import TokenizerSpec
+
+    try:
+        TokenizerSpec(directory).build()
+    except (ValueError, OSError, ImportError) as error:
+        raise ConfigError(f"data.tokenizer={directory!r}: {error}") from None
 
 
 def _check_mix(config: ml_collections.ConfigDict) -> None:

@@ -3,7 +3,8 @@
 `SimpleTokenizer` is the reference: a direct transcription of OpenAI's
 `simple_tokenizer.py`. `FastTokenizer` gives the same ids several times faster and is
 what `tokenize` (and the data pipeline) uses. `SentencePieceTokenizer` serves
-SigLIP-style models from a user-given model file.
+SigLIP-style models from a user-given model file, and `HFTokenizer` (hf_tokenizer.py)
+SigLIP and SigLIP 2 from a Hugging Face model directory, with transformers' ids.
 """
 
 import dataclasses
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Sequence
 import ftfy
 import numpy as np
 import regex
+
+from jaxclip.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer_files
 
 VOCAB_SIZE = 49408
 SOT_TOKEN = 49406  # <|startoftext|>
@@ -369,17 +372,23 @@ class SentencePieceTokenizer:
         return _pack(rows, context_length, None, self.eos_id, self.pad_id)
 
 
+# The tokenizers data.tokenizer names; it may also be a Hugging Face model directory
+# holding tokenizer files (HFTokenizer).
 TOKENIZERS = ("clip", "sentencepiece")
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSpec:
-    """A picklable recipe for a tokenizer, built lazily once per process (workers)."""
+    """A picklable recipe for a tokenizer, built lazily once per process (workers).
+
+    `kind` is one of TOKENIZERS or the path of a Hugging Face model directory holding
+    tokenizer files; `model_file` is the 'sentencepiece' kind's model file.
+    """
 
     kind: str = "clip"
     model_file: str = ""
 
-    def build(self) -> FastTokenizer | SentencePieceTokenizer:
+    def build(self) -> FastTokenizer | SentencePieceTokenizer | HFTokenizer:
         """The tokenizer itself (cached per process)."""
         return _build_tokenizer(self.kind, self.model_file)
 
@@ -393,4 +402,9 @@ def _build_tokenizer(kind: str, model_file: str):
         return default_fast_tokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(model_file)
-    raise ValueError(f"data.tokenizer={kind!r}; expected one of {list(TOKENIZERS)}")
+    if has_tokenizer_files(kind):
+        return HFTokenizer(kind)
+    raise ValueError(
+        f"data.tokenizer={kind!r}; expected one of {list(TOKENIZERS)} or a Hugging "
+        f"Face model directory holding tokenizer files ({', '.join(TOKENIZER_FILES)})"
+    )
