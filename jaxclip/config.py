@@ -79,6 +79,10 @@ def _model_fields() -> ml_collections.ConfigDict:
     # unrolled on the CPU (jaxclip.models.build.use_scan)
     model.scan = ml_collections.config_dict.placeholder(bool)
     model.remat = "none"  # none | full | dots | dots_no_batch
+    # Start from these weights instead of random ones (a jaxclip workdir or checkpoint,
+    # an OpenCLIP file or directory, an HF CLIPModel directory, hf-hub:ORG/REPO; "":
+    # off). Only a fresh run uses them: a workdir with a checkpoint resumes from it.
+    model.init_from = ""
     return model
 
 
@@ -181,10 +185,30 @@ def _is_rgb(value) -> bool:
     )
 
 
+def _is_weights_source(value) -> bool:
+    """Empty (off), hf-hub:ORG/REPO (fetched at start), or a path that exists; what
+    the path holds is read, and checked against the model, when the run starts."""
+    if not isinstance(value, str):
+        return False
+    if not value:
+        return True
+    # Imported here: the convert package (orbax, the file readers) is needed only
+    # when there are weights to read.
+    from jaxclip.convert.files import HF_HUB_PREFIX
+
+    return value.startswith(HF_HUB_PREFIX) or os.path.exists(value)
+
+
 FIELD_RULES: dict[str, Rule] = {
     "model.name": registry.NAME_RULE,
     "model.dtype": one_of(registry.DTYPES),
     "model.remat": one_of(REMAT_POLICIES),
+    "model.init_from": Rule(
+        _is_weights_source,
+        "must be an existing path (a jaxclip workdir or checkpoint, an OpenCLIP "
+        "weights file or directory, a Hugging Face CLIPModel directory), "
+        "'hf-hub:ORG/REPO', or '' (off)",
+    ),
     "loss.name": one_of(LOSS_NAMES),
     "loss.impl": one_of(LOSS_IMPLS),
     "loss.chunk_size": NON_NEGATIVE_INT,

@@ -39,6 +39,7 @@ from jaxclip.models.registry import get_model_config
 from jaxclip.train import mfu
 from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
 from jaxclip.train.guard import NonFiniteError, NonFiniteGuard, all_finite
+from jaxclip.train.init_from import init_from_weights
 from jaxclip.train.metrics import MetricWriter
 from jaxclip.train.preemption import PreemptionWatcher
 from jaxclip.train.prefetch import DevicePrefetcher
@@ -326,13 +327,24 @@ def restore_or_init(
     log: Callable[..., None],
 ) -> tuple[TrainState, Any]:
     """The state and its shardings: restored from the latest checkpoint (with the
-    input pipeline's position), or freshly initialised from `config.seed`."""
+    input pipeline's position); else fresh, with `model.init_from`'s weights or
+    initialised from `config.seed`."""
+    init_from = config.model.init_from
     if checkpointer.latest_step() is None:
+        if init_from:
+            return init_from_weights(config, model, tx, mesh, log)
         return create_train_state(model, tx, mesh, jax.random.key(config.seed))
     abstract, state_shardings = abstract_train_state(model, tx, mesh)
     state, data_state = checkpointer.restore(abstract)
     train_iter.set_state(data_state)
-    log(f"resumed from step {int(state.step)} in {checkpointer.directory}")
+    # The workdir's own checkpoint wins: a preempted fine-tuning run continues where it
+    # was, not from the weights it started with.
+    ignored = (
+        f" (model.init_from={init_from!r} ignored: the workdir has a checkpoint)"
+        if init_from
+        else ""
+    )
+    log(f"resumed from step {int(state.step)} in {checkpointer.directory}{ignored}")
     return state, state_shardings
 
 

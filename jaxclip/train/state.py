@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import Mesh
@@ -116,6 +117,77 @@ def abstract_train_state(
         shardings,
     )
     return abstract, shardings
+
+
+def _path_name(path: tuple) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """A tree's leaves by their "/"-joined path ("visual/conv1/kernel")."""
+    return {
+        _path_name(path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def put_sharded(host: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """A host array as a global jax.Array of `target`'s shape, dtype and sharding.
+
+    Every process passes the same full array and each copies only the slices its own
+    devices hold (`jax.make_array_from_callback`), so it works on multi-process runs.
+    """
+    # The reshape admits a [1]-shaped scalar (OpenCLIP's nonscalar logit scale).
+    host = np.asarray(host, target.dtype).reshape(target.shape)
+    return jax.make_array_from_callback(
+        target.shape, target.sharding, lambda index: host[index]
+    )
+
+
+def train_state_from_variables(
+    variables: dict,
+    tx: optax.GradientTransformation,
+    abstract: TrainState,
+    shardings: TrainState,
+) -> TrainState:
+    """A fresh state (step 0, new optimizer state) around given weights.
+
+    `variables` holds host arrays (`params`, and `batch_stats` for ResNets) of exactly
+    the shapes in `abstract` (from `abstract_train_state`, which also gives
+    `shardings`); each lands directly sharded, and the optimizer state is created
+    from them on the devices that own it.
+    """
+
+    def place(tree: Any, collection: str) -> Any:
+        host = named_leaves(variables.get(collection, {}))
+        return jax.tree_util.tree_map_with_path(
+            lambda path, target: put_sharded(host[_path_name(path)], target), tree
+        )
+
+    params = place(abstract.params, "params")
+    batch_stats = place(abstract.batch_stats, "batch_stats")
+
+    def fresh(params: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        zero = jnp.zeros((), jnp.int32)
+        return zero, tx.init(params), zero, zero
+
+    step, opt_state, streak, total = jax.jit(
+        fresh,
+        out_shardings=(
+            shardings.step,
+            shardings.opt_state,
+            shardings.nonfinite_streak,
+            shardings.nonfinite_total,
+        ),
+    )(params)
+    return TrainState(
+        step=step,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+        nonfinite_streak=streak,
+        nonfinite_total=total,
+    )
 
 
 def _boxed_init_fn(
