@@ -1,13 +1,20 @@
-"""Weights in and out: OpenAI CLIP, OpenCLIP and Hugging Face CLIPModel checkpoints.
+"""Weights in and out: OpenAI CLIP, OpenCLIP and Hugging Face CLIPModel / SiglipModel
+checkpoints.
 
     weights = load_weights("open_clip_model.safetensors")   # or a dir, hf-hub:ORG/REPO
     save_openclip(weights, "out/")                           # OpenCLIP local-dir
-    save_hf(weights, "out-hf/")                              # CLIPModel.from_pretrained
+    save_hf(weights, "out-hf/")        # CLIPModel / SiglipModel.from_pretrained
 
 The command line does the same: `python -m jaxclip.convert --from SRC --to DST`.
 """
 
-from jaxclip.convert.files import Weights, load_weights, save_hf, save_openclip
+from jaxclip.convert.files import (
+    Weights,
+    load_weights,
+    registered_architecture,
+    save_hf,
+    save_openclip,
+)
 from jaxclip.convert.tensors import CorruptFileError, UnsafeFileError, read_tensors
 
 __all__ = [
@@ -16,6 +23,7 @@ __all__ = [
     "Weights",
     "load_weights",
     "read_tensors",
+    "registered_architecture",
     "save_hf",
     "save_openclip",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 from jaxclip.convert import hf, openclip, siglip
 from jaxclip.convert.checkpoint import find_step_dir, read_checkpoint
 from jaxclip.convert.tensors import read_tensors, write_safetensors
+from jaxclip.data.hf_tokenizer import has_tokenizer_files
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.models.registry import ModelConfig, get_model_config
@@ -98,6 +99,31 @@ def load_weights(
             f"SiglipModel directory ({HF_CONFIG} + {' or '.join(HF_WEIGHTS)})"
         )
     return _load_file(path, name)
+
+
+def registered_architecture(path: str | os.PathLike) -> str:
+    """The registered architecture (`model.name`) to train weights at `path` as: the
+    one a jaxclip checkpoint was trained as, else the one equal to the architecture
+    its config file (or its shapes) describe, else one with the same parameter names
+    and shapes. Raises when no registered architecture has them."""
+    path = os.fspath(path)
+    step_dir = find_step_dir(path) if os.path.isdir(path) else None
+    if step_dir is not None:
+        return read_checkpoint(path).name
+    if os.path.isdir(path) and _is_hf_dir(path):
+        config = hf.config_from_hf(_read_json(os.path.join(path, HF_CONFIG)))
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, OPENCLIP_CONFIG)):
+        settings = _read_json(os.path.join(path, OPENCLIP_CONFIG))
+        config = openclip.config_from_openclip(settings["model_cfg"])
+    else:
+        config = load_weights(path).config
+    name = openclip.registered_name(config, same_shapes=True)
+    if name is None:
+        raise ValueError(
+            f"no registered architecture has the parameters of {path} ({config}); "
+            "`python -m jaxclip.models` lists them"
+        )
+    return name
 
 
 def _load_checkpoint(path: str, name: str | ModelConfig | None) -> Weights:
@@ -234,9 +260,7 @@ def _from_hf(
     mean, std, resize_mode = _default_preprocess(config)
     mean, std = hf.preprocess_from_hf(directory) or (mean, std)
     # CLIP models keep jaxclip's own BPE, id for id OpenAI's.
-    has_tokenizer = siglip.is_siglip(config) and any(
-        os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES[:3]
-    )
+    has_tokenizer = siglip.is_siglip(config) and has_tokenizer_files(directory)
     return Weights(
         config=config,
         variables=variables,

@@ -372,11 +372,17 @@ def _shapes_only(config: ModelConfig) -> ModelConfig:
     )
 
 
-def registered_name(config: ModelConfig) -> str | None:
-    """The registered architecture equal to `config`, if any."""
+def registered_name(config: ModelConfig, same_shapes: bool = False) -> str | None:
+    """The registered architecture equal to `config`, if any; with `same_shapes`,
+    else one whose weights have the same names and shapes (their activations or
+    heads may differ, e.g. HF's tanh GELU where OpenCLIP's config has exact GELU)."""
     for name in sorted(MODELS):
         if MODELS[name] == config:
             return name
+    if same_shapes:
+        for name in sorted(MODELS):
+            if _shapes_only(MODELS[name]) == _shapes_only(config):
+                return name
     return None
 
 
@@ -413,6 +419,19 @@ def resolve_config(
             warnings.warn(
                 f"the {what} records (image, text) attention heads {recorded}, but the "
                 f"requested architecture has {(config.vision.heads, config.text.heads)}; "
+                "using the latter",
+                stacklevel=3,
+            )
+        acts = (inferred.vision_act, inferred.text_act)
+        if (
+            siglip.is_siglip(config)  # CLIP's activation is quick_gelu's, above
+            and heads_known
+            and same_shapes
+            and acts != (config.vision_act, config.text_act)
+        ):
+            warnings.warn(
+                f"the {what} records (image, text) activations {acts}, but the "
+                f"requested architecture has {(config.vision_act, config.text_act)}; "
                 "using the latter",
                 stacklevel=3,
             )

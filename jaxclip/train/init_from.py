@@ -1,7 +1,8 @@
 """Starting a run from existing weights (`model.init_from`).
 
 Any source `jaxclip.convert.load_weights` reads: a jaxclip workdir or checkpoint, an
-OpenCLIP file or directory, a Hugging Face CLIPModel directory, hf-hub:ORG/REPO. The
+OpenCLIP file or directory, a Hugging Face CLIPModel or SiglipModel directory,
+hf-hub:ORG/REPO. The
 weights must fit the model the config builds exactly: every parameter and BatchNorm
 statistic, every shape, and SigLIP's logit bias. The step, the optimizer state and the
 data position start afresh. Only a fresh run reads them: `loop.restore_or_init`
