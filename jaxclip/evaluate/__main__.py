@@ -4,9 +4,10 @@
         [--output=results.json] [--evals=name,name] [--config.evals.NAME.FIELD=...]
 
 `--checkpoint` is anything `jaxclip.load` reads: a jaxclip workdir or checkpoint step,
-an OpenAI or OpenCLIP weights file or directory, a Hugging Face CLIPModel directory.
-The architecture comes from the weights; the config gives the evaluators
-(`config.evals`), the mesh, the compute dtype and the tokenizer. Without `--config`,
+an OpenAI or OpenCLIP weights file or directory, a Hugging Face CLIPModel or
+SiglipModel directory. The architecture comes from the weights (and the tokenizer, from
+an HF SigLIP directory that holds its files); the config gives the evaluators
+(`config.evals`), the mesh, the compute dtype and otherwise the tokenizer. Without `--config`,
 a jaxclip run is evaluated with the config it was trained with (saved in its
 checkpoint, overrides included); `--config.X=Y` still changes any of it. An evaluator
 the config does not have is added with one flag per field, `kind` and `dataset` first

@@ -51,7 +51,11 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
             mesh,
             weights.config.vision.image_size,
             weights.config.text.context_length,
-            TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
+            # The weights' own tokenizer where they carry one (an HF SigLIP
+            # directory's), else the config's.
+            weights.tokenizer
+            if weights.tokenizer.kind != "clip"
+            else TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
             config.seed,
         )
         results = run_all(evaluators, variables)
