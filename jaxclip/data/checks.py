@@ -70,10 +70,32 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         )
     if data.tokenizer not in TOKENIZERS:
         _check_hf_tokenizer(data.tokenizer)
+    _check_vocabulary(config)
     if data.source == "mix":
         _check_mix(config)
     else:
         check_data_path(data.source, data.path, config, f"data.source={data.source!r}")
+
+
+def _check_vocabulary(config: ml_collections.ConfigDict) -> None:
+    """The tokenizer's ids fit the text tower's vocabulary (a CLIP BPE id fed to
+    SigLIP's 32k embedding would silently read another row)."""
+    from jaxclip.data.tokenizer import VOCAB_SIZE, TokenizerSpec
+    from jaxclip.models.registry import get_model_config
+
+    data = config.data
+    model_vocab = get_model_config(config.model.name).text.vocab_size
+    if data.tokenizer == "clip":
+        vocab = VOCAB_SIZE
+    else:
+        vocab = TokenizerSpec(data.tokenizer, data.tokenizer_model).build().vocab_size
+    if vocab > model_vocab:
+        raise ConfigError(
+            f"data.tokenizer={data.tokenizer!r} has {vocab:,} ids, more than "
+            f"model.name={config.model.name!r}'s {model_vocab:,}-entry vocabulary: "
+            "name the model's own tokenizer (for SigLIP, a directory holding its "
+            "tokenizer files)"
+        )
 
 
 def _check_hf_tokenizer(directory: str) -> None:

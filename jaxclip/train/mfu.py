@@ -128,6 +128,14 @@ def resnet_flops(layers: tuple[int, ...], width: int, image_size: int, heads_out
     return flops
 
 
+def map_head_flops(tokens: int, width: int, mlp_ratio: float) -> float:
+    """SigLIP's attention-pooling head: one query over `tokens`, then its MLP."""
+    flops = 2 * tokens * width * 2 * width  # k, v over all tokens
+    flops += 2 * 2 * width * width  # the query's projection and the output's
+    flops += 2 * 2 * tokens * width  # scores and weighted values of the one query
+    return flops + 2 * 2 * width * int(width * mlp_ratio)
+
+
 def forward_flops_per_sample(config: ModelConfig) -> dict[str, float]:
     """Analytic forward FLOPs of one image and one text: {'image', 'text'}."""
     vision, text = config.vision, config.text
@@ -138,10 +146,14 @@ def forward_flops_per_sample(config: ModelConfig) -> dict[str, float]:
     else:
         grid = vision.image_size // vision.patch_size
         patch = 2 * grid * grid * vision.patch_size**2 * 3 * vision.width
+        tokens = grid * grid + (vision.pool == "tok")  # + the class token
         image = patch + transformer_flops(
-            grid * grid + 1, vision.width, vision.layers, vision.mlp_ratio
+            tokens, vision.width, vision.layers, vision.mlp_ratio
         )
-        image += 2 * vision.width * config.embed_dim
+        if vision.pool == "map":
+            image += map_head_flops(tokens, vision.width, vision.mlp_ratio)
+        else:
+            image += 2 * vision.width * config.embed_dim
     text_flops = transformer_flops(
         text.context_length, text.width, text.layers, text.mlp_ratio
     )
