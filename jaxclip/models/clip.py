@@ -46,7 +46,7 @@ class CLIP(nn.Module):
         cfg = self.config
         vision, text = cfg.vision, cfg.text
         # What both transformer towers share (`layers.StackOptions`), apart from the
-        # MLP ratio, which is per tower.
+        # MLP ratio and the activation, which are per tower.
         stack = dict(
             dtype=self.dtype, scan=self.scan, remat=self.remat, norm_eps=cfg.norm_eps
         )
