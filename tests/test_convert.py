@@ -211,8 +211,8 @@ def test_architecture_is_inferred_from_shapes(name):
         assert openclip.config_from_openclip(cfg) == config
     if not vision.is_resnet:
         hf_shapes = _shape_dict(convert_hf.expected_hf_shapes(config))
-        assert openclip._shapes_only(convert_files._infer_hf(hf_shapes, name)) == (
-            openclip._shapes_only(in_shapes)
+        assert openclip.shapes_only(convert_files.infer_hf_config(hf_shapes, name)) == (
+            openclip.shapes_only(in_shapes)
         )
         hf_config = convert_hf.hf_config(config, 2.0)
         assert convert_hf.config_from_hf(json.loads(json.dumps(hf_config))) == config

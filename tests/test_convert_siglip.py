@@ -173,7 +173,7 @@ def test_siglip_base_shape_matches_transformers():
     # OpenCLIP's ViT-B-16-SigLIP, but with HF's tanh GELU in both towers.
     registered = get_model_config("ViT-B-16-SigLIP")
     assert openclip.registered_name(config) is None
-    assert openclip._shapes_only(config) == openclip._shapes_only(registered)
+    assert openclip.shapes_only(config) == openclip.shapes_only(registered)
     variables = hf.from_hf(tensors, config, "HF siglip-base-patch16-224")
     images, tokens = inputs(224, 64, 32000)
     expected = hf_outputs(hf_model, images, tokens)

@@ -251,7 +251,7 @@ def _from_hf(
         name,
         what,
         described,
-        lambda: _infer_hf(tensors, what),
+        lambda: infer_hf_config(tensors, what),
         quick_gelu=None,
         siglip_weights=is_siglip,
     )
@@ -302,7 +302,7 @@ def _architecture(
     )
 
 
-def _infer_hf(tensors: Mapping[str, np.ndarray], what: str) -> ModelConfig:
+def infer_hf_config(tensors: Mapping[str, np.ndarray], what: str) -> ModelConfig:
     """The architecture of an HF state dict without config.json, from its shapes."""
     if siglip.is_hf_siglip(tensors):
         return siglip.infer_config(tensors, siglip.HF, what)

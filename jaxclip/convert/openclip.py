@@ -362,7 +362,7 @@ def infer_config(
     return ModelConfig(embed_dim=embed_dim, vision=vision, text=text)
 
 
-def _shapes_only(config: ModelConfig) -> ModelConfig:
+def shapes_only(config: ModelConfig) -> ModelConfig:
     """The config with what the weights cannot tell (activation, heads) blanked."""
     return dataclasses.replace(
         config,
@@ -381,7 +381,7 @@ def registered_name(config: ModelConfig, same_shapes: bool = False) -> str | Non
             return name
     if same_shapes:
         for name in sorted(MODELS):
-            if _shapes_only(MODELS[name]) == _shapes_only(config):
+            if shapes_only(MODELS[name]) == shapes_only(config):
                 return name
     return None
 
@@ -410,7 +410,7 @@ def resolve_config(
                 stacklevel=3,
             )
         recorded = (inferred.vision.heads, inferred.text.heads)
-        same_shapes = _shapes_only(inferred) == _shapes_only(config)
+        same_shapes = shapes_only(inferred) == shapes_only(config)
         if (
             heads_known
             and same_shapes
@@ -439,9 +439,7 @@ def resolve_config(
     config = inferred
     if not heads_known:
         same_shapes = [
-            cfg
-            for cfg in MODELS.values()
-            if _shapes_only(cfg) == _shapes_only(inferred)
+            cfg for cfg in MODELS.values() if shapes_only(cfg) == shapes_only(inferred)
         ]
         if same_shapes:
             config = dataclasses.replace(
