@@ -32,7 +32,7 @@ from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.models.build import count_params, make_encoders, model_from_config
 from jaxclip.models.registry import get_model_config
-from jaxclip.train import mfu
+from jaxclip.train import ema, mfu
 from jaxclip.train.state import (
     abstract_train_state,
     learning_rate_schedule,
@@ -227,7 +227,9 @@ def compile_recipe(
     platform = devices[0].platform
     model = model_from_config(config, platform)
     tx = make_optimizer(config)
-    state, state_shardings = abstract_train_state(model, tx, mesh)
+    state, state_shardings = abstract_train_state(
+        model, tx, mesh, ema=ema.enabled(config)
+    )
     train_step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, state_shardings
     )

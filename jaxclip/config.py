@@ -21,6 +21,7 @@ import ml_collections
 from jax.sharding import AbstractMesh
 
 from jaxclip.config_rules import (
+    BOOL,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
@@ -129,6 +130,10 @@ def _train_fields() -> ml_collections.ConfigDict:
     train.accum_steps = 1  # micro-batches per step, exact (GradCache)
     # Non-finite loss or gradient: the update is skipped; this many in a row stop
     train.max_nonfinite_steps = 5
+    # An exponential moving average of the params, kept in the state (0.0: none; e.g.
+    # 0.9999); evaluators read it with `params='ema'` (jaxclip/train/ema.py)
+    train.ema_decay = 0.0
+    train.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step))
     return train
 
 
@@ -220,6 +225,8 @@ FIELD_RULES: dict[str, Rule] = {
     "train.accum_steps": POSITIVE_INT,
     "train.max_nonfinite_steps": POSITIVE_INT,
     "train.prefetch": POSITIVE_INT,
+    "train.ema_decay": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
+    "train.ema_warmup": BOOL,
     "train.compile_cache_dir": Rule(
         lambda value: isinstance(value, str),
         "must be a directory path (or empty to disable the cache)",
@@ -263,6 +270,7 @@ def validate_config(
     if check_data:
         validate_data_config(config)
     validate_evals_config(config)
+    validate_ema_config(config)
     validate_distributed_config(config)
     validate_batch_split(config, num_devices or jax.device_count())
     if workdir is not None:
@@ -309,6 +317,26 @@ def validate_evals_config(config: ml_collections.ConfigDict) -> None:
             f"checkpoint.best_metric={best!r} must be '<evaluator>/<metric>' with an "
             f"evaluator of config.evals ({sorted(config.evals.keys())})"
         )
+
+
+def validate_ema_config(config: ml_collections.ConfigDict) -> None:
+    """What reads the EMA of the params needs a run that keeps one."""
+    if config.train.ema_decay:
+        return
+    if config.train.ema_warmup:
+        raise ConfigError(
+            "train.ema_warmup=True warms up the EMA's decay, but train.ema_decay=0 "
+            "keeps no EMA: set train.ema_decay (e.g. 0.9999) or leave the warm-up off"
+        )
+    from jaxclip.evaluate import evaluators
+
+    for name, entry in config.evals.items():
+        if evaluators.weights_of(entry) == "ema":
+            raise ConfigError(
+                f"evals.{name}.params='ema' evaluates the EMA of the parameters, but "
+                "train.ema_decay=0 keeps none: set train.ema_decay (e.g. 0.9999) or "
+                f"evals.{name}.params='params'"
+            )
 
 
 def check_workdir(workdir: str) -> None:

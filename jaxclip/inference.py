@@ -345,16 +345,18 @@ def load(
     *,
     dtype: Any = "float32",
     batch_size: int = 64,
+    ema: bool = False,
 ) -> Loaded:
     """Model, variables, preprocess and tokenizer from a jaxclip checkpoint, an OpenCLIP
     or OpenAI weights file or directory, a Hugging Face CLIPModel or SiglipModel
     directory (its tokenizer too, where it holds the files), or `hf-hub:ORG/REPO`.
-    `name` checks (or sets) the architecture; see `load_weights`.
+    `name` checks (or sets) the architecture; see `load_weights`. `ema=True` loads a
+    jaxclip run's EMA of the parameters instead of the parameters.
 
     `dtype` is the compute dtype (e.g. "bfloat16" on accelerators); the parameters
     stay float32.
     """
-    weights: Weights = load_weights(path, name)
+    weights: Weights = load_weights(path, name, ema=ema)
     model = InferenceModel(
         weights.config,
         name=weights.name,

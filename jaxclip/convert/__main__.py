@@ -1,11 +1,13 @@
-"""`python -m jaxclip.convert --from SRC --to DIR [--format openclip|hf] [--name ARCH]`.
+"""`python -m jaxclip.convert --from SRC --to DIR [--format openclip|hf] [--name ARCH] [--ema]`.
 
 SRC is anything `jaxclip.load` reads: a jaxclip workdir or checkpoint, an OpenCLIP or
 OpenAI weights file or directory, a Hugging Face CLIPModel directory, or
 hf-hub:ORG/REPO. DIR receives OpenCLIP's files (open_clip_model.safetensors +
 open_clip_config.json; `open_clip.create_model('local-dir:DIR')`) or Hugging Face's
 (model.safetensors, config.json, preprocessor and tokenizer files;
-`CLIPModel.from_pretrained(DIR)`). Bad input exits with status 2 and a message.
+`CLIPModel.from_pretrained(DIR)`). `--ema` exports a jaxclip run's EMA of the parameters
+(`train.ema_decay` > 0) instead of the parameters. Bad input exits with status 2 and a
+message.
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="registered architecture the weights must match (default: inferred)",
     )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="a jaxclip run's EMA of the parameters instead of the parameters",
+    )
     args = parser.parse_args(argv)
     try:
-        weights = load_weights(args.source, args.name)
+        weights = load_weights(args.source, args.name, ema=args.ema)
         paths = WRITERS[args.format](weights, args.target)
     except (ValueError, FileNotFoundError, UnsafeFileError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Reading the weights out of a jaxclip training checkpoint (orbax), without training.
 
-A checkpoint step holds `state` (params, optimizer state, BatchNorm statistics, step),
-`data` and `config`. Only `params` and `batch_stats` are read, as host NumPy arrays,
-so a checkpoint written on a TPU pod or 8 devices loads on a laptop.
+A checkpoint step holds `state` (params, optimizer state, BatchNorm statistics, step,
+and `ema_params` when the run keeps an EMA of the params), `data` and `config`. Only
+`params` (or `ema_params`) and `batch_stats` are read, as host NumPy arrays, so a
+checkpoint written on a TPU pod or 8 devices loads on a laptop.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def find_step_dir(path: str) -> str | None:
     return None
 
 
-def read_checkpoint(path: str) -> CheckpointWeights:
-    """Params and BatchNorm statistics of the newest step under `path`."""
+def read_checkpoint(path: str, ema: bool = False) -> CheckpointWeights:
+    """Params and BatchNorm statistics of the newest step under `path`; with `ema`,
+    the EMA of the params (`train.ema_decay` > 0) as the params."""
     step_dir = find_step_dir(path)
     if step_dir is None:
         raise FileNotFoundError(f"no jaxclip checkpoint step under {path}")
@@ -76,7 +78,9 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     config = get_model_config(name)
     model = create_model(config, use_logit_bias=logit_bias, sharded=False)
     abstract = abstract_variables(model)
-    target = {"params": abstract["params"]}
+    # The EMA has the params' tree: read into its place, then named params below.
+    weights_key = "ema_params" if ema else "params"
+    target = {weights_key: abstract["params"]}
     if abstract.get("batch_stats"):
         target["batch_stats"] = abstract["batch_stats"]
     # Host arrays: independent of the mesh and device count that saved them.
@@ -88,6 +92,11 @@ def read_checkpoint(path: str) -> CheckpointWeights:
     # missing (jaxclip's steps hold it one level up, beside state, data and config).
     handler = ocp.PyTreeCheckpointHandler()
     state_dir = os.path.join(step_dir, "state")
+    if ema and "ema_params" not in handler.metadata(epath.Path(state_dir)).tree:
+        raise ValueError(
+            f"checkpoint {step_dir} holds no EMA of the parameters (its run had "
+            "train.ema_decay=0); read its params instead (without ema / --ema)"
+        )
     _check_shapes(handler, state_dir, target, name)
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
@@ -101,6 +110,7 @@ def read_checkpoint(path: str) -> CheckpointWeights:
         )
     finally:
         absl_logger.setLevel(level)
+    variables["params"] = variables.pop(weights_key)
     data = config_dict.get("data", {})
     return CheckpointWeights(
         name=name,

@@ -75,20 +75,29 @@ class Weights:
 
 
 def load_weights(
-    path: str | os.PathLike, name: str | ModelConfig | None = None
+    path: str | os.PathLike,
+    name: str | ModelConfig | None = None,
+    *,
+    ema: bool = False,
 ) -> Weights:
     """Read weights in any supported format; `name` checks (or sets) the architecture.
 
     Without `name` the architecture comes from the files: a config beside the
     weights, else the weights' shapes. Any missing key, unexpected key or wrong shape
-    is an error that lists them.
+    is an error that lists them. `ema=True` reads a jaxclip checkpoint's EMA of the
+    params (`train.ema_decay` > 0) as the params; any other source is refused.
     """
     path = os.fspath(path)
     if path.startswith(HF_HUB_PREFIX):
         path = download_from_hub(path[len(HF_HUB_PREFIX) :])
+    if os.path.isdir(path) and find_step_dir(path) is not None:
+        return _load_checkpoint(path, name, ema)
+    if ema:
+        raise ValueError(
+            f"ema=True reads the EMA of the parameters from a jaxclip checkpoint; "
+            f"{path} is not one (an exported or foreign file holds one set of weights)"
+        )
     if os.path.isdir(path):
-        if find_step_dir(path) is not None:
-            return _load_checkpoint(path, name)
         if os.path.isfile(os.path.join(path, OPENCLIP_CONFIG)):
             return _load_file(_first_file(path, OPENCLIP_WEIGHTS, "OpenCLIP"), name)
         if _is_hf_dir(path):
@@ -126,8 +135,10 @@ def registered_architecture(path: str | os.PathLike) -> str:
     return name
 
 
-def _load_checkpoint(path: str, name: str | ModelConfig | None) -> Weights:
-    checkpoint = read_checkpoint(path)
+def _load_checkpoint(
+    path: str, name: str | ModelConfig | None, ema: bool = False
+) -> Weights:
+    checkpoint = read_checkpoint(path, ema)
     if name is not None:
         requested = name if isinstance(name, ModelConfig) else get_model_config(name)
         if requested != checkpoint.config:
@@ -141,7 +152,7 @@ def _load_checkpoint(path: str, name: str | ModelConfig | None) -> Weights:
         name=checkpoint.name,
         mean=checkpoint.mean or OPENAI_MEAN,
         std=checkpoint.std or OPENAI_STD,
-        source=f"jaxclip checkpoint {checkpoint.path}",
+        source=f"jaxclip checkpoint {checkpoint.path}" + (" (EMA)" if ema else ""),
         tokenizer=TokenizerSpec(*checkpoint.tokenizer),
     )
 

@@ -11,7 +11,14 @@ a period.
         data_dir="/data/coco")
 
 Results are named `<entry>/<metric>` (`imagenet/top1`, `coco/image_to_text/R@1`) and
-go to the console, TensorBoard and `metrics.jsonl`. Every process runs every
+go to the console, TensorBoard and `metrics.jsonl`. `params='ema'` evaluates the
+run's exponential moving average of the parameters instead of the parameters
+(`train.ema_decay` > 0; jaxclip/train/ema.py): give it its own entry to follow both,
+
+    config.evals.imagenet_ema = evaluators.spec(
+        "zeroshot", "folder", path="/data/imagenet/val", classnames="imagenet",
+        params="ema", every_steps=5000)
+ Every process runs every
 evaluator (each embeds its share of the images; see embed.py), and gets the same
 numbers.
 
@@ -80,6 +87,8 @@ _DEFAULTS = {
     # during training, every this many steps; 0: once, at the end; -1: off
     "every_steps": 0,
     "batch_size": 256,  # images (or texts) embedded per global batch
+    # the weights evaluated: "params", or "ema" (their EMA; train.ema_decay > 0)
+    "params": "params",
     "path": "",  # tfds name, folder root, CSV/TSV file or Karpathy JSON
     "split": "test",  # tfds / digits / Karpathy split evaluated
     "data_dir": "",  # tfds data_dir; Karpathy image root
@@ -111,6 +120,13 @@ _RULES = {
     "train_num_examples": int_at_least(0),
 }
 _NEEDS_PATH = ("tfds", "folder", "csv", "karpathy")
+WEIGHTS = ("params", "ema")
+
+
+def weights_of(entry: ml_collections.ConfigDict) -> str:
+    """Which weights an entry evaluates: "params" or "ema" (a config saved before the
+    field existed has no `params`: the params)."""
+    return entry.get("params", "params")
 
 
 def spec(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
@@ -136,6 +152,11 @@ def validate(evals: ml_collections.ConfigDict) -> None:
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}")
         check_fields(entry, _RULES, prefix=f"{where}.")
+        if weights_of(entry) not in WEIGHTS:
+            raise ConfigError(
+                f"{where}.params={weights_of(entry)!r} must be one of {list(WEIGHTS)} "
+                "(the parameters, or their EMA)"
+            )
         datasets = DATASETS_BY_KIND[entry.kind]
         if entry.get("dataset") not in datasets:
             raise ConfigError(
@@ -423,9 +444,22 @@ def make_evaluators(
     ]
 
 
-def run_all(evaluators: Sequence[Evaluator], variables: Variables) -> dict[str, float]:
-    """Every evaluator's metrics, merged."""
+def run_all(
+    evaluators: Sequence[Evaluator],
+    variables: Variables,
+    ema_variables: Variables | None = None,
+) -> dict[str, float]:
+    """Every evaluator's metrics, merged; those with `params='ema'` run on
+    `ema_variables` (the same variables with the EMA as their params)."""
     results: dict[str, float] = {}
     for evaluator in evaluators:
-        results.update(evaluator.run(variables))
+        if weights_of(evaluator.entry) == "ema":
+            if ema_variables is None:
+                raise ValueError(
+                    f"evals.{evaluator.name}.params='ema', but these weights have no "
+                    "EMA of the parameters"
+                )
+            results.update(evaluator.run(ema_variables))
+        else:
+            results.update(evaluator.run(variables))
     return results

@@ -10,14 +10,15 @@ import os
 
 
 def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
-    """Run the config's evaluators (or `names`) on the weights at `checkpoint`."""
+    """Run the config's evaluators (or `names`) on the weights at `checkpoint`; those
+    with `params='ema'` on its EMA of the parameters (a jaxclip run's, else an error)."""
     import jax
 
     from jaxclip import sharding
     from jaxclip.config import ConfigError, validate_evals_config
     from jaxclip.convert.files import load_weights
     from jaxclip.data.tokenizer import TokenizerSpec
-    from jaxclip.evaluate.evaluators import make_evaluators, run_all
+    from jaxclip.evaluate.evaluators import make_evaluators, run_all, weights_of
     from jaxclip.models.build import create_model, make_encoders
 
     validate_evals_config(config)
@@ -35,6 +36,9 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
         raise ConfigError(str(e)) from None
 
     weights = load_weights(checkpoint)
+    ema_weights = None
+    if any(weights_of(entry) == "ema" for entry in evals.values()):
+        ema_weights = load_weights(checkpoint, ema=True)
     model = create_model(
         weights.config,
         use_logit_bias=weights.logit_bias,
@@ -58,7 +62,12 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
             else TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
             config.seed,
         )
-        results = run_all(evaluators, variables)
+        ema_variables = None
+        if ema_weights is not None:
+            ema_variables = jax.device_put(
+                ema_weights.variables, sharding.replicated(mesh)
+            )
+        results = run_all(evaluators, variables, ema_variables)
     return {
         "checkpoint": os.path.abspath(checkpoint),
         "source": weights.source,

@@ -3,16 +3,22 @@
 Saves are asynchronous (training continues while the arrays are written) and keep the
 last `checkpoint.keep` steps. An interrupted save never becomes the "latest" step:
 orbax writes to a temporary directory and renames it only once complete.
+
+The state is written as a dict of its fields, without those that are None (the EMA
+of a run that keeps none): the layout a run without EMA writes is the one every
+earlier version wrote, so old checkpoints and new ones restore alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
@@ -47,7 +53,7 @@ class Checkpointer:
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(saved_fields(state)),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config),
             ),
@@ -59,17 +65,33 @@ class Checkpointer:
 
         The mesh may differ from the one that saved: orbax reshards on load.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self._step(step)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.StandardRestore(saved_fields(abstract_state)),
                 data=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], restored["data"]
+        state = restored["state"]
+        if dataclasses.is_dataclass(abstract_state):
+            state = abstract_state.replace(**state)
+        return state, restored["data"]
+
+    def state_fields(self, step: int | None = None) -> set[str]:
+        """The names of the state's fields that the checkpoint at `step` (default:
+        the latest) holds."""
+        # Read from the files: a manager that has not saved yet has no handler for
+        # the state to ask (and its steps are directories named by the number).
+        state_dir = os.path.join(self.directory, str(self._step(step)), "state")
+        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+        return set(metadata.tree.keys())
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return step
 
     def wait(self) -> None:
         """Block until any asynchronous save has finished."""
@@ -79,6 +101,17 @@ class Checkpointer:
         """Finish pending saves and release resources."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def saved_fields(state: Any) -> Any:
+    """What is written for `state`: a train state's fields by name, leaving out those
+    that are None; any other tree as it is."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    fields = {
+        field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+    }
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def abstract_like(tree: Any) -> Any:

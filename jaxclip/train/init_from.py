@@ -25,6 +25,7 @@ from jaxclip.convert.checkpoint import find_step_dir
 from jaxclip.convert.openclip import check_keys
 from jaxclip.models.build import count_params
 from jaxclip.models.clip import CLIP
+from jaxclip.train import ema
 from jaxclip.train.state import (
     TrainState,
     abstract_train_state,
@@ -41,11 +42,12 @@ def init_from_weights(
     log: Callable[..., None],
 ) -> tuple[TrainState, Any]:
     """A fresh state whose params (and BatchNorm statistics) are `model.init_from`'s,
-    placed with the state's shardings; returns (state, shardings).
+    placed with the state's shardings (and the EMA, if kept, starting equal to
+    them); returns (state, shardings).
 
     Every process reads the whole file and places only its own devices' slices.
     """
-    abstract, shardings = abstract_train_state(model, tx, mesh)
+    abstract, shardings = abstract_train_state(model, tx, mesh, ema=ema.enabled(config))
     target = {"params": abstract.params, "batch_stats": abstract.batch_stats}
     weights = read_init_weights(config, target)
     if weights.config != model.config:

@@ -36,7 +36,7 @@ from jaxclip.models.build import (
 )
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
-from jaxclip.train import mfu
+from jaxclip.train import ema, mfu
 from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
 from jaxclip.train.guard import NonFiniteError, NonFiniteGuard, all_finite
 from jaxclip.train.init_from import init_from_weights
@@ -276,7 +276,11 @@ class Trainer:
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        results = run_all(due, variables)
+        # Evaluators with params='ema' read the EMA, with the live BatchNorm statistics.
+        ema_variables = None
+        if state.ema_params is not None:
+            ema_variables = {**variables, "params": state.ema_params}
+        results = run_all(due, variables, ema_variables)
         self.writer.write(step, results)
         if self.best is not None and self.best.update(
             step, state, results, self.config_json
@@ -330,12 +334,15 @@ def restore_or_init(
     input pipeline's position); else fresh, with `model.init_from`'s weights or
     initialised from `config.seed`."""
     init_from = config.model.init_from
+    with_ema = ema.enabled(config)
     if checkpointer.latest_step() is None:
         if init_from:
             return init_from_weights(config, model, tx, mesh, log)
-        return create_train_state(model, tx, mesh, jax.random.key(config.seed))
-    abstract, state_shardings = abstract_train_state(model, tx, mesh)
-    state, data_state = checkpointer.restore(abstract)
+        return create_train_state(
+            model, tx, mesh, jax.random.key(config.seed), ema=with_ema
+        )
+    abstract, state_shardings = abstract_train_state(model, tx, mesh, ema=with_ema)
+    state, data_state = restore_train_state(checkpointer, abstract, log)
     train_iter.set_state(data_state)
     # The workdir's own checkpoint wins: a preempted fine-tuning run continues where it
     # was, not from the weights it started with.
@@ -346,6 +353,28 @@ def restore_or_init(
     )
     log(f"resumed from step {int(state.step)} in {checkpointer.directory}{ignored}")
     return state, state_shardings
+
+
+def restore_train_state(
+    checkpointer: Checkpointer, abstract: TrainState, log: Callable[..., None]
+) -> tuple[TrainState, dict]:
+    """The latest checkpoint's state and data position, with the EMA the config asks
+    for: switched on since the checkpoint was written, it starts from the restored
+    params; switched off, the saved one is dropped."""
+    saved_ema = "ema_params" in checkpointer.state_fields()
+    wanted_ema = abstract.ema_params is not None
+    if saved_ema == wanted_ema:
+        return checkpointer.restore(abstract)
+    if wanted_ema:
+        state, data_state = checkpointer.restore(abstract.replace(ema_params=None))
+        ema_params = ema.copy_params(state.params, abstract.ema_params)
+        log(f"train.ema_decay > 0: the EMA starts from step {int(state.step)}'s params")
+        return state.replace(ema_params=ema_params), data_state
+    # The saved EMA has the params' shapes and shardings: read, then let go.
+    saved = abstract.replace(ema_params=abstract.params)
+    state, data_state = checkpointer.restore(saved)
+    log("train.ema_decay=0: the checkpoint's EMA of the params is dropped")
+    return state.replace(ema_params=None), data_state
 
 
 def evaluators_for(

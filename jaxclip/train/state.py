@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxclip import sharding
 from jaxclip.models.build import example_inputs, strip_axis_metadata
 from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
+from jaxclip.train.ema import init_ema
 
 # Only weight matrices decay: not gains, biases, embeddings or the temperature.
 DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
@@ -35,6 +36,9 @@ class TrainState:
     # how many in a row up to now (0 after a finite step), and how many in all.
     nonfinite_streak: jax.Array
     nonfinite_total: jax.Array
+    # The params' exponential moving average, float32 and sharded like them, when
+    # `train.ema_decay` > 0; else None, which a checkpoint does not record (ema.py).
+    ema_params: Any = None
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -89,14 +93,17 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rng: jax.Array,
+    *,
+    ema: bool = False,
 ) -> tuple[TrainState, Any]:
     """Initialise params and optimizer state directly sharded; returns (state, shardings).
 
     Shapes come from `jax.eval_shape` first, so nothing is allocated before the
     shardings are known; then `jax.jit(init, out_shardings=...)` creates each array on
-    the devices that own it.
+    the devices that own it. `ema`: the state keeps an EMA of the params, starting
+    equal to them (`train.ema_decay` > 0).
     """
-    init_fn = _boxed_init_fn(model, tx)
+    init_fn = _boxed_init_fn(model, tx, ema)
     shardings = sharding.logical_to_shardings(jax.eval_shape(init_fn, rng), mesh)
     state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return state, shardings
@@ -106,9 +113,12 @@ def abstract_train_state(
     model: CLIP,
     tx: optax.GradientTransformation,
     mesh: Mesh,
+    *,
+    ema: bool = False,
 ) -> tuple[TrainState, Any]:
-    """Shapes, dtypes and shardings of the state, with nothing allocated (for restore)."""
-    init_fn = _boxed_init_fn(model, tx)
+    """Shapes, dtypes and shardings of the state, with nothing allocated (for restore);
+    `ema` as in `create_train_state`."""
+    init_fn = _boxed_init_fn(model, tx, ema)
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     shardings = sharding.logical_to_shardings(abstract, mesh)
     abstract = jax.tree.map(
@@ -155,7 +165,8 @@ def train_state_from_variables(
     `variables` holds host arrays (`params`, and `batch_stats` for ResNets) of exactly
     the shapes in `abstract` (from `abstract_train_state`, which also gives
     `shardings`); each lands directly sharded, and the optimizer state is created
-    from them on the devices that own it.
+    from them on the devices that own it. Where `abstract` has an EMA, it starts as
+    another copy of the given params.
     """
 
     def place(tree: Any, collection: str) -> Any:
@@ -166,6 +177,9 @@ def train_state_from_variables(
 
     params = place(abstract.params, "params")
     batch_stats = place(abstract.batch_stats, "batch_stats")
+    ema_params = None
+    if abstract.ema_params is not None:
+        ema_params = place(abstract.ema_params, "params")
 
     def fresh(params: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
         zero = jnp.zeros((), jnp.int32)
@@ -187,11 +201,12 @@ def train_state_from_variables(
         batch_stats=batch_stats,
         nonfinite_streak=streak,
         nonfinite_total=total,
+        ema_params=ema_params,
     )
 
 
 def _boxed_init_fn(
-    model: CLIP, tx: optax.GradientTransformation
+    model: CLIP, tx: optax.GradientTransformation, ema: bool
 ) -> Callable[[jax.Array], TrainState]:
     """A function rng -> TrainState whose leaves still carry logical axis metadata."""
 
@@ -206,6 +221,7 @@ def _boxed_init_fn(
             batch_stats=variables.get("batch_stats", {}),
             nonfinite_streak=jnp.zeros((), jnp.int32),
             nonfinite_total=jnp.zeros((), jnp.int32),
+            ema_params=init_ema(params) if ema else None,
         )
 
     return init

@@ -16,6 +16,7 @@ from jaxclip import losses, sharding
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
+from jaxclip.train.ema import update_ema
 from jaxclip.train.state import TrainState, clip_logit_scale
 
 # images uint8 [B, H, W, 3], tokens int32 [B, L]; with accum_steps = k > 1 each as
@@ -303,8 +304,8 @@ def apply_gradients(
     out: dict[str, jax.Array],
     batch_stats: Any,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The optimizer update (skipped when the loss or gradient is not finite) and
-    the step's metrics."""
+    """The optimizer update and the params' EMA (both skipped when the loss or
+    gradient is not finite), and the step's metrics."""
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
     # params, optimizer moments and BatchNorm statistics stay as they were, and
@@ -349,5 +350,6 @@ def apply_gradients(
         batch_stats=batch_stats,
         nonfinite_streak=streak,
         nonfinite_total=total,
+        ema_params=update_ema(config, state.ema_params, params, state.step, finite),
     )
     return new_state, metrics
