@@ -112,16 +112,25 @@ def cpu_settings() -> argparse.Namespace:
 
 
 def jaxclip_runner(
-    workload: Workload, args: argparse.Namespace, compile_only: bool = False
+    workload: Workload,
+    args: argparse.Namespace,
+    compile_only: bool = False,
+    patch_dropout: float = 0.0,
 ) -> dict[str, Any]:
-    """A `step(batch)` that runs one jaxclip training step and waits for it."""
+    """A `step(batch)` that runs one jaxclip training step and waits for it
+    (`patch_dropout`: `model.patch_dropout`, bench/patch_dropout.py)."""
     config = base_config()
     config.model.dtype = args.dtype
+    config.model.patch_dropout = patch_dropout
     config.train.batch_size = workload.batch_size
     config.loss.impl = args.loss_impl
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     model = create_model(
-        workload.model, dtype=args.dtype, scan=args.scan, remat=args.remat
+        workload.model,
+        dtype=args.dtype,
+        scan=args.scan,
+        remat=args.remat,
+        patch_dropout=patch_dropout,
     )
     tx = make_optimizer(config)
     state, shardings = create_train_state(model, tx, mesh, jax.random.key(0))
@@ -137,7 +146,7 @@ def jaxclip_runner(
         compiled, compile_seconds = compile_train_step(train_step, state, first)
     if compile_only:
         return {"compiled": compiled, "compile_s": compile_seconds}
-    analytic = mfu.analytic_flops(workload.model, workload.batch_size)
+    analytic = mfu.analytic_flops(workload.model, workload.batch_size, patch_dropout)
     flops, flops_source = mfu.step_flops(compiled, analytic)
     holder = {"state": state}
 
@@ -153,6 +162,7 @@ def jaxclip_runner(
         "compile_s": compile_seconds,
         "flops_per_step": flops,
         "flops_source": flops_source,
+        "flops_per_step_analytic": analytic,
     }
 
 

@@ -244,7 +244,9 @@ def compile_recipe(
             )
     chips = len(devices)
     analytic = mfu.analytic_flops(
-        get_model_config(config.model.name), config.train.batch_size
+        get_model_config(config.model.name),
+        config.train.batch_size,
+        config.model.patch_dropout,
     )
     return {
         "model": config.model.name,

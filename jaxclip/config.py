@@ -80,6 +80,9 @@ def _model_fields() -> ml_collections.ConfigDict:
     # unrolled on the CPU (jaxclip.models.build.use_scan)
     model.scan = ml_collections.config_dict.placeholder(bool)
     model.remat = "none"  # none | full | dots | dots_no_batch
+    # FLIP's patch dropout: in training, a ViT image tower keeps a random
+    # round((1 - p) N) of its N patch tokens per image (0: off; e.g. 0.5)
+    model.patch_dropout = 0.0
     # Start from these weights instead of random ones (a jaxclip workdir or checkpoint,
     # an OpenCLIP file or directory, an HF CLIPModel directory, hf-hub:ORG/REPO; "":
     # off). Only a fresh run uses them: a workdir with a checkpoint resumes from it.
@@ -208,6 +211,7 @@ FIELD_RULES: dict[str, Rule] = {
     "model.name": registry.NAME_RULE,
     "model.dtype": one_of(registry.DTYPES),
     "model.remat": one_of(REMAT_POLICIES),
+    "model.patch_dropout": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
     "model.init_from": Rule(
         _is_weights_source,
         "must be an existing path (a jaxclip workdir or checkpoint, an OpenCLIP "
@@ -267,6 +271,7 @@ def validate_config(
     skips the data fields (compiling reads no data).
     """
     check_fields(config, FIELD_RULES)
+    validate_patch_dropout(config)
     if check_data:
         validate_data_config(config)
     validate_evals_config(config)
@@ -275,6 +280,16 @@ def validate_config(
     validate_batch_split(config, num_devices or jax.device_count())
     if workdir is not None:
         check_workdir(workdir)
+
+
+def validate_patch_dropout(config: ml_collections.ConfigDict) -> None:
+    """Patch dropout drops a ViT's patch tokens: a ResNet image tower has none."""
+    vision = registry.get_model_config(config.model.name).vision
+    if config.model.patch_dropout and vision.is_resnet:
+        raise ConfigError(
+            f"model.patch_dropout={config.model.patch_dropout} needs a ViT image "
+            f"tower; model.name={config.model.name!r} has a ResNet (no patch tokens)"
+        )
 
 
 def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -69,10 +69,12 @@ def create_model(
     remat: str = "none",
     platform: str | None = None,
     sharded: bool = True,
+    patch_dropout: float = 0.0,
 ) -> CLIP:
     """The CLIP module for a registered name or a `ModelConfig`.
 
-    `use_logit_bias` adds SigLIP's learned logit bias; `scan=None` picks per
+    `use_logit_bias` adds SigLIP's learned logit bias; `patch_dropout` drops that
+    fraction of a ViT's patch tokens in training (`CLIP`); `scan=None` picks per
     platform (`use_scan`); `platform` is where it will run (default: JAX's backend;
     `jaxclip.aot` says 'tpu'); `sharded=False` for a model that runs on one device
     (inference) or only gives shapes (converters).
@@ -84,14 +86,15 @@ def create_model(
         dtype=jnp.dtype(dtype),
         scan=use_scan(scan, platform, sharded),
         remat=remat,
+        patch_dropout=patch_dropout,
     )
 
 
 def model_from_config(
     config: ml_collections.ConfigDict, platform: str | None = None
 ) -> CLIP:
-    """The model a training config describes: `model.*`, plus a logit bias for
-    `loss.name='siglip'`."""
+    """The model a training config describes: `model.*` (patch dropout included),
+    plus a logit bias for `loss.name='siglip'`."""
     return create_model(
         config.model.name,
         use_logit_bias=config.loss.name == "siglip",
@@ -99,6 +102,7 @@ def model_from_config(
         scan=config.model.scan,
         remat=config.model.remat,
         platform=platform,
+        patch_dropout=config.model.patch_dropout,
     )
 
 

@@ -32,7 +32,9 @@ class CLIP(nn.Module):
 
     `use_logit_bias=True` gives the SigLIP variant: the scale is initialised to log 10
     and a learned bias, the `logit_bias` parameter, to -10 (always on for the SigLIP
-    architectures, `config.logit_bias`). Build it with
+    architectures, `config.logit_bias`). `patch_dropout` > 0 drops that fraction of
+    a ViT image tower's patch tokens in training (`VisionTransformer`; the train step
+    passes one key per image as `patch_keys`). Build it with
     `jaxclip.models.build.create_model`, which also picks `scan` for the platform.
     """
 
@@ -41,6 +43,7 @@ class CLIP(nn.Module):
     dtype: Dtype = jnp.float32
     scan: bool = True
     remat: str = "none"
+    patch_dropout: float = 0.0
 
     def setup(self) -> None:
         cfg = self.config
@@ -51,6 +54,11 @@ class CLIP(nn.Module):
             dtype=self.dtype, scan=self.scan, remat=self.remat, norm_eps=cfg.norm_eps
         )
         if vision.is_resnet:
+            if self.patch_dropout:
+                raise ValueError(
+                    f"patch_dropout={self.patch_dropout} needs a ViT image tower; "
+                    "this model's is a ResNet (no patch tokens to drop)"
+                )
             self.visual = ModifiedResNet(
                 layers=tuple(vision.layers),
                 output_dim=cfg.embed_dim,
@@ -68,6 +76,7 @@ class CLIP(nn.Module):
                 num_heads=vision.heads,
                 output_dim=cfg.embed_dim,
                 pool=vision.pool,
+                patch_dropout=self.patch_dropout,
                 act=cfg.vision_act,
                 mlp_ratio=vision.mlp_ratio,
                 **stack,
@@ -103,10 +112,20 @@ class CLIP(nn.Module):
         return self.use_logit_bias or self.config.logit_bias
 
     def encode_image(
-        self, images: jax.Array, train: bool = False, normalize: bool = True
+        self,
+        images: jax.Array,
+        train: bool = False,
+        normalize: bool = True,
+        patch_keys: jax.Array | None = None,
     ) -> jax.Array:
-        """Normalised float images [batch, H, W, 3] -> embeddings [batch, embed_dim]."""
-        features = self.visual(images, train=train)
+        """Normalised float images [batch, H, W, 3] -> embeddings [batch, embed_dim].
+
+        `patch_keys` (one PRNG key per image) draw the patch dropout masks when
+        `train` and `patch_dropout` > 0."""
+        if patch_keys is None:
+            features = self.visual(images, train=train)
+        else:
+            features = self.visual(images, train=train, patch_keys=patch_keys)
         return l2_normalize(features) if normalize else features
 
     def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
@@ -115,11 +134,15 @@ class CLIP(nn.Module):
         return l2_normalize(features) if normalize else features
 
     def __call__(
-        self, images: jax.Array, tokens: jax.Array, train: bool = False
+        self,
+        images: jax.Array,
+        tokens: jax.Array,
+        train: bool = False,
+        patch_keys: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Both towers: unit-norm embeddings plus the (log) scale and bias."""
         out = {
-            "image_emb": self.encode_image(images, train=train),
+            "image_emb": self.encode_image(images, train=train, patch_keys=patch_keys),
             "text_emb": self.encode_text(tokens),
             "logit_scale": self.logit_scale,
         }

@@ -20,6 +20,42 @@ from jaxclip.models.layers import (
 POOLS = ("tok", "map")
 
 
+def kept_patches(num_patches: int, patch_dropout: float) -> int:
+    """How many of `num_patches` patch tokens patch dropout keeps: round((1 - p) N),
+    at least one (a static count, so shapes stay static)."""
+    return max(1, round((1 - patch_dropout) * num_patches))
+
+
+def keep_indices(keys: jax.Array, num_patches: int, keep: int) -> jax.Array:
+    """A uniformly random `keep`-subset of the patch positions of each image, drawn
+    from its own PRNG key (`keys`: one per image, `[batch]`): int32 `[batch, keep]`,
+    ascending.
+
+    The positions of the `keep` smallest of N i.i.d. uniforms: by symmetry every
+    subset of that size is equally likely.
+    """
+    noise = jax.vmap(lambda key: jax.random.uniform(key, (num_patches,)))(keys)
+    noise = constrain(noise, ("batch", "length"))  # [batch, num_patches]
+    # Ascending, so that keeping every patch is the identity (tested); attention
+    # without a mask does not care about the order.
+    return jnp.sort(jnp.argsort(noise, axis=-1)[:, :keep], axis=-1)
+
+
+def drop_patches(
+    tokens: jax.Array, keys: jax.Array, keep: int, class_token: bool
+) -> jax.Array:
+    """FLIP's patch dropout: [batch, (1 +) N, width] -> [batch, (1 +) keep, width],
+    each image's class token (the first token, when `class_token`) and `keep` of its
+    patches chosen at random (`keep_indices` with the image's key)."""
+    first = 1 if class_token else 0
+    patches = tokens[:, first:]
+    indices = keep_indices(keys, patches.shape[1], keep)
+    kept = jnp.take_along_axis(patches, indices[:, :, None], axis=1)
+    if class_token:
+        kept = jnp.concatenate([tokens[:, :1], kept], axis=1)
+    return constrain(kept, ("batch", "length", "embed"))
+
+
 class VisionTransformer(StackOptions):
     """Patch embedding + positions -> blocks -> final LayerNorm -> pooling.
 
@@ -32,6 +68,12 @@ class VisionTransformer(StackOptions):
     (`MAPHead`) gives the embedding, `width` wide (no projection: `output_dim` must
     equal `width`).
 
+    `patch_dropout` = p > 0 (FLIP, Li et al. 2023): in training only (`train=True`),
+    each image keeps `kept_patches(N, p)` of its N patch tokens, a uniformly random
+    subset drawn from its own key in `patch_keys` (`[batch]`), after the positions
+    are added; the class token is always kept, and the MAP head attends over the
+    kept patches. `train=False` sees every token.
+
     `act`, `mlp_ratio`, `dtype`, `scan`, `remat` and `norm_eps` are keyword-only
     (`StackOptions`).
     """
@@ -43,11 +85,19 @@ class VisionTransformer(StackOptions):
     num_heads: int
     output_dim: int
     pool: str = "tok"
+    patch_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """images: float [batch, H, W, 3], already normalised -> [batch, output_dim]."""
-        del train  # no dropout or batch statistics in the ViT
+    def __call__(
+        self,
+        images: jax.Array,
+        train: bool = False,
+        patch_keys: jax.Array | None = None,
+    ) -> jax.Array:
+        """images: float [batch, H, W, 3], already normalised -> [batch, output_dim].
+
+        `patch_keys`: one PRNG key per image, needed when `train` and
+        `patch_dropout` > 0 (no other dropout or batch statistics in the ViT)."""
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
@@ -55,7 +105,18 @@ class VisionTransformer(StackOptions):
             )
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
+        if not 0 <= self.patch_dropout < 1:
+            raise ValueError(f"patch_dropout={self.patch_dropout} must be in [0, 1)")
         tokens = self.patch_tokens(images)
+        if train and self.patch_dropout > 0:
+            if patch_keys is None:
+                raise ValueError(
+                    f"patch_dropout={self.patch_dropout} in training needs patch_keys, "
+                    "one PRNG key per image"
+                )
+            num_patches = (self.image_size // self.patch_size) ** 2
+            keep = kept_patches(num_patches, self.patch_dropout)
+            tokens = drop_patches(tokens, patch_keys, keep, self.pool == "tok")
         if self.pool == "tok":
             tokens = self.norm(tokens, "ln_pre")
         tokens = tower_transformer(self, causal=False)(tokens)

@@ -79,7 +79,9 @@ def compile_and_report(
     compiled, seconds = compile_train_step(train_step, state, batch)
     devices = jax.device_count()
     analytic = mfu.analytic_flops(
-        get_model_config(config.model.name), config.train.batch_size
+        get_model_config(config.model.name),
+        config.train.batch_size,
+        config.model.patch_dropout,
     )
     flops, source = mfu.step_flops(compiled, analytic / devices)
     dtype = jnp.dtype(config.model.dtype).name

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from jaxclip.models.registry import ModelConfig
+from jaxclip.models.vit import kept_patches
 
 TERA = 1e12
 
@@ -136,8 +137,11 @@ def map_head_flops(tokens: int, width: int, mlp_ratio: float) -> float:
     return flops + 2 * 2 * width * int(width * mlp_ratio)
 
 
-def forward_flops_per_sample(config: ModelConfig) -> dict[str, float]:
-    """Analytic forward FLOPs of one image and one text: {'image', 'text'}."""
+def forward_flops_per_sample(
+    config: ModelConfig, patch_dropout: float = 0.0
+) -> dict[str, float]:
+    """Analytic forward FLOPs of one image and one text: {'image', 'text'}; with
+    `patch_dropout`, a training image's (its ViT sees only the kept patches)."""
     vision, text = config.vision, config.text
     if vision.is_resnet:
         image = resnet_flops(
@@ -146,7 +150,8 @@ def forward_flops_per_sample(config: ModelConfig) -> dict[str, float]:
     else:
         grid = vision.image_size // vision.patch_size
         patch = 2 * grid * grid * vision.patch_size**2 * 3 * vision.width
-        tokens = grid * grid + (vision.pool == "tok")  # + the class token
+        patches = kept_patches(grid * grid, patch_dropout)
+        tokens = patches + (vision.pool == "tok")  # + the class token
         image = patch + transformer_flops(
             tokens, vision.width, vision.layers, vision.mlp_ratio
         )
@@ -161,13 +166,16 @@ def forward_flops_per_sample(config: ModelConfig) -> dict[str, float]:
     return {"image": float(image), "text": float(text_flops)}
 
 
-def analytic_flops(config: ModelConfig, batch_size: int) -> float:
-    """Analytic FLOPs of one training step over a global batch: 3 x forward + the loss.
+def analytic_flops(
+    config: ModelConfig, batch_size: int, patch_dropout: float = 0.0
+) -> float:
+    """Analytic FLOPs of one training step over a global batch: 3 x forward + the loss
+    (`patch_dropout`: the training config's `model.patch_dropout`).
 
     The backward pass costs twice the forward (gradients for inputs and weights). The
     contrastive loss's logits are a [B, B] matmul over `embed_dim`.
     """
-    per_sample = forward_flops_per_sample(config)
+    per_sample = forward_flops_per_sample(config, patch_dropout)
     forward = batch_size * (per_sample["image"] + per_sample["text"])
     loss = 2 * batch_size * batch_size * config.embed_dim
     return 3 * (forward + loss)

@@ -46,14 +46,58 @@ def contrastive_loss(
     )
 
 
+# Patch dropout's masks come from the seed and the step (no RNG in the train state, so
+# a resumed run draws the same ones), on a stream of their own: this is folded into
+# the seed's key first, which the parameter initialisation uses as it is.
+PATCH_DROPOUT_STREAM = 1
+
+
+def patch_dropout_key(
+    config: ml_collections.ConfigDict, step: jax.Array
+) -> jax.Array | None:
+    """The key of one step's patch dropout masks; None when `model.patch_dropout`
+    is off."""
+    if not config.model.patch_dropout:
+        return None
+    key = jax.random.fold_in(jax.random.key(config.seed), PATCH_DROPOUT_STREAM)
+    return jax.random.fold_in(key, step)
+
+
+def image_keys(step_key: jax.Array | None, rows: jax.Array | None) -> jax.Array | None:
+    """One key per image, from its row in the step's whole batch (`rows`, int
+    `[n]`): an image draws the same mask whether the batch runs in one pass or as
+    micro-batches, and in both of GradCache's passes."""
+    if step_key is None:
+        return None
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, rows)
+
+
+def micro_batch_rows(batch_size: int, accum_steps: int) -> jax.Array:
+    """The row in the whole batch of each micro-batch row, int32 `[k, B/k]`.
+
+    `sharding.shard_batch` puts the i-th block of each process's B/P rows into
+    micro-batch i. This assumes each process's rows are one block of the whole batch
+    (its devices consecutive along the batch axes); where they are not, the masks
+    are as random, but switching accumulation on changes which image gets which.
+    """
+    rows = jnp.arange(batch_size, dtype=jnp.int32)
+    rows = rows.reshape(jax.process_count(), accum_steps, -1).swapaxes(0, 1)
+    return nn.with_logical_constraint(rows.reshape(accum_steps, -1), (None, "batch"))
+
+
 def full_batch_grads(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     variables: dict[str, Any],
     images: jax.Array,
     tokens: jax.Array,
+    patch_key: jax.Array | None = None,
 ):
-    """Loss, parameter gradients, model outputs and new batch stats in one pass."""
+    """Loss, parameter gradients, model outputs and new batch stats in one pass.
+
+    `patch_key` (`patch_dropout_key`) draws the patch dropout masks, one per row."""
+    rows = jnp.arange(images.shape[0], dtype=jnp.int32)
+    patch_keys = image_keys(patch_key, rows)
 
     def loss_fn(params):
         out, mutated = model.apply(
@@ -61,6 +105,7 @@ def full_batch_grads(
             images,
             tokens,
             train=True,
+            patch_keys=patch_keys,
             mutable=["batch_stats"],
         )
         return contrastive_loss(config, out), (out, mutated)
@@ -102,6 +147,7 @@ def gradcache_grads(
     images: jax.Array,
     tokens: jax.Array,
     prepare_images: Callable[[jax.Array], jax.Array] = lambda images: images,
+    patch_key: jax.Array | None = None,
 ):
     """Exact gradient accumulation over micro-batches (GradCache).
 
@@ -112,6 +158,10 @@ def gradcache_grads(
     `prepare_images` turns one micro-batch's images into the model's input (the
     train step passes its uint8 batch and normalises here, one micro-batch at a time:
     normalised images of the whole batch would take twice its uint8 bytes in bf16).
+
+    `patch_key` draws the patch dropout masks: each image's from its row in the
+    whole batch (`micro_batch_rows`), so both passes over a micro-batch drop the same
+    patches, and the masks are those of the one-pass step.
 
     1. Embed every micro-batch without keeping activations.
     2. Take the loss over the full batch, and its gradient with respect to the
@@ -128,18 +178,23 @@ def gradcache_grads(
     """
     params = variables["params"]
     start_stats = variables.get("batch_stats", {})
-    micro_batches = (images, tokens)
+    accum_steps, micro_size = images.shape[:2]
+    rows = None  # no patch dropout: nothing to draw
+    if patch_key is not None:
+        rows = micro_batch_rows(accum_steps * micro_size, accum_steps)
+    micro_batches = (images, tokens, rows)
     # The micro-batch loop unrolls wherever the model's own layers do (`use_scan`).
     unrolled = not model.scan
 
     def embed(params, batch_stats, micro_batch):
-        micro_images, micro_tokens = micro_batch
+        micro_images, micro_tokens, micro_rows = micro_batch
         extra = {"batch_stats": batch_stats} if batch_stats else {}
         out, mutated = model.apply(
             {"params": params, **extra},
             prepare_images(micro_images),
             micro_tokens,
             train=True,
+            patch_keys=image_keys(patch_key, micro_rows),
             mutable=["batch_stats"],
         )
         embeddings = (out["image_emb"], out["text_emb"])
@@ -155,7 +210,7 @@ def gradcache_grads(
     # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
     temperature = {k: params[k] for k in TEMPERATURE_PARAMS if k in params}
     loss, image_emb, text_emb, cotangents, d_temperature = _full_batch_loss_grads(
-        config, embeddings, temperature, images.shape[0]
+        config, embeddings, temperature, accum_steps
     )
 
     # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
@@ -267,10 +322,11 @@ def make_train_step(
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
+        patch_key = patch_dropout_key(config, state.step)
         if config.train.accum_steps == 1:
             images = prepare_images(batch["images"])
             grads_and_out = full_batch_grads(
-                config, model, variables, images, batch["tokens"]
+                config, model, variables, images, batch["tokens"], patch_key
             )
         else:
             grads_and_out = gradcache_grads(
@@ -280,6 +336,7 @@ def make_train_step(
                 batch["images"],
                 batch["tokens"],
                 prepare_images,
+                patch_key,
             )
         return apply_gradients(config, tx, schedule, state, *grads_and_out)
 
