@@ -121,20 +121,38 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 def test_recipes_load_and_build(tmp_path, monkeypatch):
 
+    from jaxclip.convert import tiny_siglip2
     from jaxclip.models.build import create_model, parameter_counts
 
+    # A SigLIP-style tokenizer directory, for the recipes that name one.
+    siglip_dir = tiny_siglip2.make(tmp_path / "tiny-siglip2")
     monkeypatch.chdir(tmp_path)  # each finds configs/common.py beside it, from any cwd
     for name in ("demo", "vit_b32", "vit_b16", "vit_l14", "rn50", "siglip_b16"):
         config = recipe(name)
         if name != "demo":  # as `python -m jaxclip.aot` checks them for v5p:4x4x4
             validate_config(config, num_devices=64, check_data=False)
         config.data.source = "shapes"  # real data sources come with the data pipeline
+        if name == "siglip_b16":
+            # Its placeholder names SigLIP's tokenizer directory; a CLIP BPE would not
+            # fit SigLIP's 32k vocabulary.
+            with pytest.raises(ConfigError, match="data.tokenizer"):
+                validate_config(config)
+            config.data.tokenizer = siglip_dir
         validate_config(config)
-        assert parameter_counts(create_model(config.model.name))["total"] > 0
+        counts = parameter_counts(create_model(config.model.name, sharded=False))
+        assert counts["total"] > 0
         if name != "demo":
             assert config.train.batch_size == 32768
             assert (config.optim.b1, config.optim.eps) == (0.9, 1e-6)
     assert recipe("siglip_b16").loss.name == "siglip"
+    # The fine-tuning recipe takes its architecture, weights and tokenizer from the
+    # directory it starts from, and needs one.
+    config = recipe("siglip2_finetune", siglip_dir)
+    assert (config.model.name, config.model.init_from) == ("tiny-siglip", siglip_dir)
+    config.data.source = "shapes"
+    validate_config(config)
+    with pytest.raises(ValueError, match="starts from a SigLIP 2 directory"):
+        recipe("siglip2_finetune")
 
 
 def test_a_recipe_without_its_common_file_is_refused(tmp_path):
