@@ -608,16 +608,21 @@ def openclip_model_cfg(config: ModelConfig, logit_bias: bool = False) -> dict:
         "embed_dim": config.embed_dim,
         "quick_gelu": config.quick_gelu,
         "vision_cfg": vision_cfg,
-        "text_cfg": {
-            "context_length": text.context_length,
-            "vocab_size": text.vocab_size,
-            "width": text.width,
-            "heads": text.heads,
-            "layers": text.layers,
-            "mlp_ratio": text.mlp_ratio,
-        },
+        "text_cfg": openclip_text_cfg(text),
     }
     if logit_bias:
         # Only makes OpenCLIP create the parameter; its value comes from the weights.
         model_cfg["init_logit_bias"] = -10.0
     return model_cfg
+
+
+def openclip_text_cfg(text: TextConfig) -> dict[str, Any]:
+    """The sizes of OpenCLIP's `text_cfg` for a text tower (CLIP's and SigLIP's)."""
+    return {
+        "context_length": text.context_length,
+        "vocab_size": text.vocab_size,
+        "width": text.width,
+        "heads": text.heads,
+        "layers": text.layers,
+        "mlp_ratio": text.mlp_ratio,
+    }

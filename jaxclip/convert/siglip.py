@@ -467,14 +467,10 @@ def openclip_model_cfg(config: ModelConfig) -> dict[str, Any]:
             f"models, and none has this one ({config.vision}); save it as a jaxclip "
             "checkpoint or an HF directory instead"
         )
-    text = config.text
+    from jaxclip.convert.openclip import openclip_text_cfg  # it imports this module
+
     text_cfg: dict[str, Any] = {
-        "context_length": text.context_length,
-        "vocab_size": text.vocab_size,
-        "width": text.width,
-        "heads": text.heads,
-        "layers": text.layers,
-        "mlp_ratio": text.mlp_ratio,
+        **openclip_text_cfg(config.text),
         "no_causal_mask": True,
         "proj_bias": True,
         "pool_type": "last",
