@@ -44,6 +44,7 @@ from jaxclip.losses import LOSS_IMPLS, LOSS_NAMES
 from jaxclip.models import registry
 from jaxclip.models.layers import REMAT_POLICIES
 from jaxclip.sharding import BATCH_AXES, MESH_AXES, batch_shards, resolve_mesh_shape
+from jaxclip.train.freeze import Freeze
 
 # --- The schema: one function per section.
 
@@ -137,6 +138,12 @@ def _train_fields() -> ml_collections.ConfigDict:
     # 0.9999); evaluators read it with `params='ema'` (jaxclip/train/ema.py)
     train.ema_decay = 0.0
     train.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step))
+    # Locked parameters (LiT): regular expressions matched against whole parameter
+    # paths, e.g. ("visual/.*",); locked ones get no update, gradient or optimizer
+    # state (jaxclip/train/freeze.py)
+    train.freeze = ()
+    # Then unlock the last N blocks, and the head, of each tower locked whole (0: none)
+    train.unlock_last = 0
     return train
 
 
@@ -231,6 +238,15 @@ FIELD_RULES: dict[str, Rule] = {
     "train.prefetch": POSITIVE_INT,
     "train.ema_decay": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
     "train.ema_warmup": BOOL,
+    "train.freeze": Rule(
+        lambda value: (
+            isinstance(value, (tuple, list))
+            and all(isinstance(v, str) and v for v in value)
+        ),
+        "must be a list of regular expressions over parameter paths, e.g. "
+        "['visual/.*'] (or () to lock nothing)",
+    ),
+    "train.unlock_last": NON_NEGATIVE_INT,
     "train.compile_cache_dir": Rule(
         lambda value: isinstance(value, str),
         "must be a directory path (or empty to disable the cache)",
@@ -276,6 +292,7 @@ def validate_config(
         validate_data_config(config)
     validate_evals_config(config)
     validate_ema_config(config)
+    validate_freeze_config(config)
     validate_distributed_config(config)
     validate_batch_split(config, num_devices or jax.device_count())
     if workdir is not None:
@@ -352,6 +369,22 @@ def validate_ema_config(config: ml_collections.ConfigDict) -> None:
                 "train.ema_decay=0 keeps none: set train.ema_decay (e.g. 0.9999) or "
                 f"evals.{name}.params='params'"
             )
+
+
+def validate_freeze_config(config: ml_collections.ConfigDict) -> None:
+    """`train.freeze` and `train.unlock_last` against the model's parameter paths
+    (from `jax.eval_shape`: nothing is allocated)."""
+    if not config.train.freeze:
+        if config.train.unlock_last:
+            raise ConfigError(
+                f"train.unlock_last={config.train.unlock_last} unlocks blocks of a "
+                "locked tower, but train.freeze locks nothing (e.g. ['visual/.*'])"
+            )
+        return
+    from jaxclip.models.build import abstract_variables, model_from_config
+
+    params = abstract_variables(model_from_config(config, platform="cpu"))["params"]
+    Freeze.of(config).plan(params)
 
 
 def check_workdir(workdir: str) -> None:

@@ -38,6 +38,7 @@ from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train import ema, mfu
 from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
+from jaxclip.train.freeze import Freeze
 from jaxclip.train.guard import NonFiniteError, NonFiniteGuard, all_finite
 from jaxclip.train.init_from import init_from_weights
 from jaxclip.train.metrics import MetricWriter
@@ -184,6 +185,8 @@ class Trainer:
             config, model, tx, mesh, checkpointer, train_iter, log
         )
         log(f"model {config.model.name}: {count_params(state.params):,} parameters")
+        if not Freeze.of(config).off:
+            log(Freeze.of(config).describe(state.params))
         writer = MetricWriter(workdir, config.train.steps)
         train_step = make_train_step(
             config, model, tx, learning_rate_schedule(config), mesh, state_shardings

@@ -19,6 +19,7 @@ from jaxclip import sharding
 from jaxclip.models.build import example_inputs, strip_axis_metadata
 from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
 from jaxclip.train.ema import init_ema
+from jaxclip.train.freeze import Freeze, optimize_trainable
 
 # Only weight matrices decay: not gains, biases, embeddings or the temperature.
 DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
@@ -30,7 +31,7 @@ class TrainState:
 
     step: jax.Array
     params: Any
-    opt_state: Any
+    opt_state: Any  # of the trainable params only (`train.freeze`: freeze.py)
     batch_stats: Any  # BatchNorm running statistics (empty for ViTs)
     # Steps whose loss or gradient was not finite, so their update was skipped:
     # how many in a row up to now (0 after a finite step), and how many in all.
@@ -62,7 +63,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine, a decay mask and global-norm clipping."""
+    """AdamW with warm-up + cosine, a decay mask and global-norm clipping, over the
+    parameters that train (`train.freeze`: `init` takes the whole params, `update`
+    the trainable view's gradients and params, `freeze.optimize_trainable`)."""
     optim = config.optim
     chain = []
     if optim.grad_clip_norm:
@@ -77,7 +80,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             mask=weight_decay_mask,
         )
     )
-    return optax.chain(*chain)
+    return optimize_trainable(optax.chain(*chain), Freeze.of(config))
 
 
 def clip_logit_scale(params: dict) -> dict:

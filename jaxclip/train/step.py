@@ -17,6 +17,7 @@ from jaxclip.data.transforms import normalize_images
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
 from jaxclip.train.ema import update_ema
+from jaxclip.train.freeze import NOTHING_LOCKED, Freeze, stop_locked_towers
 from jaxclip.train.state import TrainState, clip_logit_scale
 
 # images uint8 [B, H, W, 3], tokens int32 [B, L]; with accum_steps = k > 1 each as
@@ -92,26 +93,32 @@ def full_batch_grads(
     images: jax.Array,
     tokens: jax.Array,
     patch_key: jax.Array | None = None,
+    freeze: Freeze = NOTHING_LOCKED,
 ):
-    """Loss, parameter gradients, model outputs and new batch stats in one pass.
+    """Loss, gradients, model outputs and new batch stats in one pass.
 
-    `patch_key` (`patch_dropout_key`) draws the patch dropout masks, one per row."""
+    The gradients are those of `freeze.view(params)`, the trainable parameters (all
+    of them unless `train.freeze` locks some). `patch_key` (`patch_dropout_key`)
+    draws the patch dropout masks, one per row."""
     rows = jnp.arange(images.shape[0], dtype=jnp.int32)
     patch_keys = image_keys(patch_key, rows)
+    params = variables["params"]
+    locked = freeze.locked_towers(params)
 
-    def loss_fn(params):
+    def loss_fn(view):
         out, mutated = model.apply(
-            {**variables, "params": params},
+            {**variables, "params": freeze.merge(view, jax.lax.stop_gradient(params))},
             images,
             tokens,
-            train=True,
+            train=trains_batch_stats(model, locked),
             patch_keys=patch_keys,
             mutable=["batch_stats"],
         )
+        out = stop_locked_towers(out, locked)
         return contrastive_loss(config, out), (out, mutated)
 
     (loss, (out, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        variables["params"]
+        freeze.view(params)
     )
     return (
         loss,
@@ -119,6 +126,13 @@ def full_batch_grads(
         out,
         mutated.get("batch_stats", variables.get("batch_stats", {})),
     )
+
+
+def trains_batch_stats(model: CLIP, locked: tuple[str, ...]) -> bool:
+    """The model's `train` switch: off (BatchNorm in inference mode, with its running
+    statistics, which stay as they are) when a ResNet image tower is locked whole;
+    else on (the switch also turns on a ViT's patch dropout, locked or not)."""
+    return not ("visual" in locked and model.config.vision.is_resnet)
 
 
 TEMPERATURE_PARAMS = ("logit_scale", "logit_bias")
@@ -148,6 +162,7 @@ def gradcache_grads(
     tokens: jax.Array,
     prepare_images: Callable[[jax.Array], jax.Array] = lambda images: images,
     patch_key: jax.Array | None = None,
+    freeze: Freeze = NOTHING_LOCKED,
 ):
     """Exact gradient accumulation over micro-batches (GradCache).
 
@@ -170,6 +185,7 @@ def gradcache_grads(
        gradient as the cotangent, and sum the parameter gradients.
 
     Peak activation memory is one micro-batch's; the cost is one extra forward pass.
+    The gradients are those of `freeze.view(params)` (locked parameters get none).
     The temperature's gradient comes from step 2 only, so it is counted once. With
     BatchNorm (ResNets) each micro-batch normalises with its own statistics, as in
     any accumulation scheme, and the running statistics are updated k times.
@@ -178,6 +194,8 @@ def gradcache_grads(
     """
     params = variables["params"]
     start_stats = variables.get("batch_stats", {})
+    locked = freeze.locked_towers(params)
+    train = trains_batch_stats(model, locked)
     accum_steps, micro_size = images.shape[:2]
     rows = None  # no patch dropout: nothing to draw
     if patch_key is not None:
@@ -186,23 +204,26 @@ def gradcache_grads(
     # The micro-batch loop unrolls wherever the model's own layers do (`use_scan`).
     unrolled = not model.scan
 
-    def embed(params, batch_stats, micro_batch):
+    def embed(view, batch_stats, micro_batch):
         micro_images, micro_tokens, micro_rows = micro_batch
         extra = {"batch_stats": batch_stats} if batch_stats else {}
         out, mutated = model.apply(
-            {"params": params, **extra},
+            {"params": freeze.merge(view, jax.lax.stop_gradient(params)), **extra},
             prepare_images(micro_images),
             micro_tokens,
-            train=True,
+            train=train,
             patch_keys=image_keys(patch_key, micro_rows),
             mutable=["batch_stats"],
         )
+        out = stop_locked_towers(out, locked)
         embeddings = (out["image_emb"], out["text_emb"])
         return embeddings, mutated.get("batch_stats", batch_stats)
 
+    view = freeze.view(params)
+
     # 1. Embeddings of all micro-batches; nothing is kept for a backward pass.
     def embed_step(batch_stats, micro_batch):
-        embeddings, batch_stats = embed(params, batch_stats, micro_batch)
+        embeddings, batch_stats = embed(view, batch_stats, micro_batch)
         return batch_stats, embeddings
 
     batch_stats, embeddings = _loop(embed_step, start_stats, micro_batches, unrolled)
@@ -218,13 +239,14 @@ def gradcache_grads(
     # with the micro-batch's own statistics, exactly as in step 1.
     def backward_step(grads, xs):
         micro_batch, cotangent = xs
-        _, vjp_fn = jax.vjp(lambda p: embed(p, start_stats, micro_batch)[0], params)
+        _, vjp_fn = jax.vjp(lambda v: embed(v, start_stats, micro_batch)[0], view)
         (micro_grads,) = vjp_fn(cotangent)
         return jax.tree.map(jnp.add, grads, micro_grads), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, view)
     grads, _ = _loop(backward_step, zeros, (micro_batches, cotangents), unrolled)
-    grads = {**grads, **d_temperature}  # the towers never touch the temperature
+    # The towers never touch the temperature; a locked one gets no gradient.
+    grads = {**grads, **{k: v for k, v in d_temperature.items() if k in view}}
     out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
     return loss, grads, out, batch_stats
 
@@ -314,6 +336,7 @@ def make_train_step(
     it once, before the loop.
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
+    freeze = Freeze.of(config)
 
     def prepare_images(images: jax.Array) -> jax.Array:
         return normalize_images(images, mean, std, model.dtype)
@@ -326,7 +349,7 @@ def make_train_step(
         if config.train.accum_steps == 1:
             images = prepare_images(batch["images"])
             grads_and_out = full_batch_grads(
-                config, model, variables, images, batch["tokens"], patch_key
+                config, model, variables, images, batch["tokens"], patch_key, freeze
             )
         else:
             grads_and_out = gradcache_grads(
@@ -337,8 +360,9 @@ def make_train_step(
                 batch["tokens"],
                 prepare_images,
                 patch_key,
+                freeze,
             )
-        return apply_gradients(config, tx, schedule, state, *grads_and_out)
+        return apply_gradients(config, tx, schedule, state, *grads_and_out, freeze)
 
     batch_shardings = {
         name: spec.sharding for name, spec in step_batch_spec(config, mesh).items()
@@ -360,9 +384,13 @@ def apply_gradients(
     grads: Any,
     out: dict[str, jax.Array],
     batch_stats: Any,
+    freeze: Freeze = NOTHING_LOCKED,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """The optimizer update and the params' EMA (both skipped when the loss or
-    gradient is not finite), and the step's metrics."""
+    gradient is not finite), and the step's metrics.
+
+    `grads` are those of `freeze.view(state.params)`: the optimizer updates the view,
+    which goes back into the params; locked parameters stay as they were."""
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient (a NaN batch, an overflow) skips the update:
     # params, optimizer moments and BatchNorm statistics stay as they were, and
@@ -370,13 +398,15 @@ def apply_gradients(
     # A branch, not a select over the new and old state: selecting would read the
     # parameters and optimizer moments twice more every step.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    view = freeze.view(state.params)
     updates, opt_state = jax.lax.cond(
         finite,
-        lambda: tx.update(grads, state.opt_state, state.params),
-        lambda: (jax.tree.map(jnp.zeros_like, state.params), state.opt_state),
+        lambda: tx.update(grads, state.opt_state, view),
+        lambda: (jax.tree.map(jnp.zeros_like, view), state.opt_state),
     )
     # x + 0 == x: a skipped step leaves the parameters bit for bit.
-    params = clip_logit_scale(optax.apply_updates(state.params, updates))
+    view = optax.apply_updates(view, updates)
+    params = clip_logit_scale(freeze.merge(view, state.params))
     batch_stats = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), batch_stats, state.batch_stats
     )
