@@ -12,17 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from config_util import tiny_config
+from config_util import recipe, tiny_config
 from train_util import ADAM_ATOL, run_steps
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
-from jaxclip.data.pipeline import shapes_iterator
+from jaxclip.convert import load_weights
+from jaxclip.data.pipeline import DataIterator, shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.build import abstract_variables, model_from_config
 from jaxclip.models.clip import MAX_LOGIT_SCALE
+from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.freeze import Freeze
+from jaxclip.train.loop import train_and_evaluate
 from jaxclip.train.state import (
+    abstract_train_state,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -295,3 +299,90 @@ def test_config_refuses_rules_that_cannot_work(model_name, overrides, message):
         config[section][name] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(config)
+
+
+# --- The whole LiT path, on tiny models.
+
+LIT_STEPS = 4
+
+
+def _lit_config(weights: str):
+    """configs/lit.py on `weights`, made tiny: float32, the shapes data, 16 pairs a
+    step, a checkpoint every step."""
+    return recipe(
+        "lit",
+        weights,
+        {
+            "model.dtype": "float32",
+            "data.source": "shapes",
+            "train.batch_size": 16,
+            "train.steps": LIT_STEPS,
+            "optim.warmup_steps": 0,
+            "checkpoint.every_steps": 1,
+            "checkpoint.keep": LIT_STEPS,
+            "log.every_steps": 1,
+        },
+    )
+
+
+def _final_state(config, workdir) -> object:
+    abstract, _ = abstract_train_state(
+        model_from_config(config),
+        make_optimizer(config),
+        sharding.make_mesh(config.mesh.shape),
+    )
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    try:
+        state, _ = checkpointer.restore(abstract)
+    finally:
+        checkpointer.close()
+    return jax.device_get(state)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow  # four short training runs
+def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
+    tmp_path, monkeypatch
+):
+    pretrained = tmp_path / "pretrained"
+    train_and_evaluate(
+        tiny_config(overrides={"train.steps": 2, "optim.warmup_steps": 0}),
+        str(pretrained),
+    )
+    weights = load_weights(str(pretrained))
+    config = _lit_config(str(pretrained))
+    assert config.model.name == "tiny-vit"
+    assert tuple(config.train.freeze) == ("visual/.*",)
+
+    straight = tmp_path / "straight"
+    train_and_evaluate(config, str(straight))
+    final = _final_state(config, straight)
+    start = weights.variables["params"]
+    jax.tree.map(np.testing.assert_array_equal, final.params["visual"],
+                 start["visual"])  # fmt: skip
+    moved = [
+        name
+        for name, leaf in named_leaves(final.params["text"]).items()
+        if not np.array_equal(leaf, named_leaves(start["text"])[name])
+    ]
+    assert len(moved) == len(named_leaves(start["text"]))  # every text parameter
+    assert "visual" not in final.opt_state[1][0].mu
+
+    # Stopped after step 2's checkpoint, then run again: the same final state.
+    resumed = tmp_path / "resumed"
+    original_next = DataIterator.__next__
+
+    def crashing_next(self):
+        if self.batches == LIT_STEPS // 2:
+            raise _Crash()
+        return original_next(self)
+
+    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
+    with pytest.raises(_Crash):
+        train_and_evaluate(config, str(resumed))
+    monkeypatch.setattr(DataIterator, "__next__", original_next)
+    train_and_evaluate(config, str(resumed))
+    jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
