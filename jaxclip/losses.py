@@ -247,14 +247,130 @@ def _siglip_labels(row_ids: jax.Array, width: int, step) -> jax.Array:
     return jnp.where(matched, 1.0, -1.0)
 
 
-def _merge_lse(stats, tile_max, tile_sum):
-    """Online log-sum-exp: running (max, sum of exp(x - max)) with a tile's."""
-    running_max, running_sum = stats
+def _softmax_stats(logits, averaged, axis):
+    """A tile's part of an online softmax along `axis`: `(max, sum of e, *sums of
+    e * x for x in averaged)`, e = exp(logits - max). `averaged` are arrays shaped like
+    `logits`, whose softmax-weighted means the sums give once divided by the sum of e.
+    """
+    top = logits.max(axis=axis)
+    weights = jnp.exp(logits - jnp.expand_dims(top, axis))
+    sums = (jnp.sum(weights * x, axis=axis) for x in averaged)
+    return (top, weights.sum(axis=axis), *sums)
+
+
+def _merge_softmax(stats, tile):
+    """Online softmax: running `(max, *sums)` with a tile's, rescaled to the new max."""
+    running_max, *running_sums = stats
+    tile_max, *tile_sums = tile
     new_max = jnp.maximum(running_max, tile_max)
-    new_sum = running_sum * jnp.exp(running_max - new_max) + tile_sum * jnp.exp(
-        tile_max - new_max
+    old, new = jnp.exp(running_max - new_max), jnp.exp(tile_max - new_max)
+    return (new_max, *(r * old + t * new for r, t in zip(running_sums, tile_sums)))
+
+
+def _lse(stats) -> jax.Array:
+    """The log-sum-exp of online softmax statistics `(max, sum, ...)`."""
+    return stats[0] + jnp.log(stats[1])
+
+
+def _ring_softmax_stats(ring, tile_logits, averaged, rows, block, chunk_size):
+    """Online row and column softmax statistics of logit matrices, over the ring.
+
+    Runs inside shard_map. `rows` (a tuple of this device's `[local, d_k]` float32
+    arrays) stay; `block` (a tuple of text-side `[local, d_k]` arrays, the device's
+    own) goes round. `tile_logits(chunk_rows, block)` gives a tuple of float32 logit
+    tiles `[chunk, local]`, one for each matrix; `averaged[k]` lists the matrices whose
+    softmax-weighted sums under matrix k are kept too (see `_softmax_stats`).
+    Returns `(row_stats, col_stats)`: per matrix, `(max, sum, *weighted sums)`, each
+    `[local]`; the column statistics are those of this device's own block.
+    """
+    local = rows[0].shape[0]
+    chunks = tuple(_row_chunks(r, chunk_size)[0] for r in rows)
+    valid = _row_chunks(rows[0], chunk_size)[1]
+
+    def tile_stats(block, col_stats, xs):
+        # One [chunk, b] piece of each tile: its rows are complete over this block;
+        # the block's column statistics are updated online.
+        chunk_rows, ok = xs
+        tiles = tile_logits(chunk_rows, block)
+        row_stats, new_col_stats = [], []
+        for logits, stats, indices in zip(tiles, col_stats, averaged):
+            others = [tiles[k] for k in indices]  # finite on padded rows: zero rows
+            row_stats.append(_softmax_stats(logits, others, axis=1))
+            masked = jnp.where(ok[:, None], logits, -jnp.inf)
+            tile = _softmax_stats(masked, others, axis=0)
+            new_col_stats.append(_merge_softmax(stats, tile))
+        return tuple(new_col_stats), tuple(row_stats)
+
+    def step(_, row_stats, block, col_stats):
+        col_stats, tile = jax.lax.scan(
+            partial(tile_stats, block), col_stats, (chunks, valid)
+        )
+        tile = jax.tree.map(lambda x: _unchunk(x, local), tile)
+        row_stats = tuple(map(_merge_softmax, row_stats, tile))
+        return row_stats, col_stats
+
+    # Built from the local rows, so that shard_map types them as per-device values.
+    neg_inf = jnp.full_like(rows[0][:, 0], -jnp.inf)
+    zero = jnp.zeros_like(neg_inf)
+    empty = tuple((neg_inf, zero, *(zero for _ in indices)) for indices in averaged)
+    # Two steps per loop iteration, as in the backward pass (`_ring_logit_grads`).
+    return ring.run(step, empty, block, empty, unroll=2)
+
+
+def _ring_logit_grads(
+    ring, d_logits_fn, rows, block, residuals, scale, chunk_size, grad
+):
+    """The ring of a softmax loss's backward pass: each tile recomputed once, and
+    back through the student's logits `scale * rows[0] @ block[0].T`.
+
+    Runs inside shard_map. `rows`, `block` are as for `_ring_softmax_stats`;
+    `residuals` is `(row_residuals, col_residuals)`, trees of `[local]` arrays (the
+    log-sum-exps): the row ones stay, the column ones ride with their block.
+    `d_logits_fn(chunk_rows, block, chunk_residuals, block_residuals)` gives the
+    cotangent of the student's logit tile `[chunk, local]` and that tile.
+    Returns this device's float32 `(d_rows [local, d], d_block [local, d],
+    d_log_scale)`, the gradients w.r.t. `rows[0]`, its own `block[0]` and the log
+    scale, before any psum.
+    """
+    row_residuals, col_residuals = residuals
+    local = rows[0].shape[0]
+    chunks = tuple(_row_chunks(r, chunk_size)[0] for r in rows)
+    valid = _row_chunks(rows[0], chunk_size)[1]
+    residual_chunks = jax.tree.map(
+        lambda r: _row_chunks(r, chunk_size)[0], row_residuals
     )
-    return new_max, new_sum
+
+    def tile_grads(block, block_residuals, grads, xs):
+        chunk_rows, ok, chunk_residuals, index = xs
+        d_logits, logits = d_logits_fn(
+            chunk_rows, block, chunk_residuals, block_residuals
+        )
+        grads, d_logits = _tile_backward(
+            grads, d_logits, chunk_rows[0], block[0], ok, index, scale
+        )
+        return grads, jnp.sum(d_logits * logits)
+
+    def step(_, carry, block, riders):
+        d_chunks, d_log_scale = carry
+        block_residuals, d_block = riders
+        (d_block, d_chunks), d_scale_parts = jax.lax.scan(
+            partial(tile_grads, block, block_residuals),
+            (d_block, d_chunks),
+            (chunks, valid, residual_chunks, jnp.arange(len(valid))),
+        )
+        carry = (d_chunks, d_log_scale + jnp.sum(d_scale_parts))
+        return carry, (block_residuals, d_block)
+
+    # The block's gradient accumulates and travels in float32.
+    carry = (jnp.zeros_like(chunks[0]), jnp.zeros((), jnp.float32))
+    riders = (col_residuals, jnp.zeros_like(block[0], jnp.float32))
+    # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
+    # and gradient back into the loop's carry each step, three [b, d] buffers
+    # more (docs/tpu.md).
+    (d_chunks, d_log_scale), (_, d_block) = ring.run(
+        step, carry, block, riders, wait_for=grad, unroll=2
+    )
+    return _unchunk(d_chunks, local), d_block, d_log_scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -272,37 +388,14 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
         # Text blocks travel in the embedding dtype; tiles are computed in float32.
         image = image.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
-        local = image.shape[0]
-        chunks, valid = _row_chunks(image, chunk_size)
 
-        def tile_stats(block, col_stats, xs):
-            # One [chunk, b] piece of the tile: its rows are complete over this
-            # block; the block's column statistics are updated online.
-            chunk_rows, ok = xs
-            logits = scale * _tile(chunk_rows, block)
-            row_max = logits.max(axis=1)
-            row_sum = jnp.exp(logits - row_max[:, None]).sum(axis=1)
-            logits = jnp.where(ok[:, None], logits, -jnp.inf)
-            col_max = logits.max(axis=0)
-            col_sum = jnp.exp(logits - col_max[None, :]).sum(axis=0)
-            return _merge_lse(col_stats, col_max, col_sum), (row_max, row_sum)
+        def tile_logits(chunk_rows, block):
+            return (scale * _tile(chunk_rows[0], block[0]),)
 
-        def step(_, row_stats, block, col_stats):
-            col_stats, (tile_max, tile_sum) = jax.lax.scan(
-                partial(tile_stats, block), col_stats, (chunks, valid)
-            )
-            tile = _unchunk(tile_max, local), _unchunk(tile_sum, local)
-            return _merge_lse(row_stats, *tile), col_stats
-
-        # Built from the local rows, so that shard_map types them as per-device values.
-        neg_inf = jnp.full_like(image[:, 0], -jnp.inf)
-        empty = (neg_inf, jnp.zeros_like(neg_inf))
-        # Two steps per loop iteration, as in the backward pass (below).
-        (row_max, row_sum), (col_max, col_sum) = ring.run(
-            step, empty, text, empty, unroll=2
+        (row_stats,), (col_stats,) = _ring_softmax_stats(
+            ring, tile_logits, ((),), (image,), (text,), chunk_size
         )
-        row_lse = row_max + jnp.log(row_sum)
-        col_lse = col_max + jnp.log(col_sum)
+        row_lse, col_lse = _lse(row_stats), _lse(col_stats)
         matched = scale * jnp.sum(image * text.astype(jnp.float32), axis=1)
         local_loss = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
         loss = jax.lax.psum(local_loss, ring.axes) / (2 * batch)
@@ -324,47 +417,27 @@ def _clip_ring_backward(chunk_size, residuals, grad):
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
         weight = grad / (2 * batch)  # dL/dlogits = weight * (row softmax + col softmax)
-        local = image.shape[0]
-        chunks, valid = _row_chunks(image, chunk_size)
-        lse_chunks, _ = _row_chunks(row_lse, chunk_size)
 
-        def tile_grads(block, block_lse, grads, xs):
-            chunk_rows, ok, chunk_lse, index = xs
-            logits = scale * _tile(chunk_rows, block)
-            d_logits = weight * (
-                jnp.exp(logits - chunk_lse[:, None])
-                + jnp.exp(logits - block_lse[None, :])
+        def d_logits(chunk_rows, block, chunk_lse, block_lse):
+            logits = scale * _tile(chunk_rows[0], block[0])
+            softmaxes = jnp.exp(logits - chunk_lse[:, None]) + jnp.exp(
+                logits - block_lse[None, :]
             )
-            grads, d_logits = _tile_backward(
-                grads, d_logits, chunk_rows, block, ok, index, scale
-            )
-            return grads, jnp.sum(d_logits * logits)
+            return weight * softmaxes, logits
 
-        def step(_, carry, block, riders):
-            d_chunks, d_log_scale = carry
-            block_lse, d_block = riders
-            (d_block, d_chunks), d_scale_parts = jax.lax.scan(
-                partial(tile_grads, block, block_lse),
-                (d_block, d_chunks),
-                (chunks, valid, lse_chunks, jnp.arange(len(chunks))),
-            )
-            return (d_chunks, d_log_scale + jnp.sum(d_scale_parts)), (
-                block_lse,
-                d_block,
-            )
-
-        # The block's gradient accumulates and travels in float32.
-        carry = (jnp.zeros_like(chunks), jnp.zeros((), jnp.float32))
-        riders = (col_lse, jnp.zeros_like(text, jnp.float32))
-        # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
-        # and gradient back into the loop's carry each step, three [b, d] buffers
-        # more (docs/tpu.md).
-        (d_chunks, d_log_scale), (_, d_block) = ring.run(
-            step, carry, text, riders, wait_for=grad, unroll=2
+        d_image, d_block, d_log_scale = _ring_logit_grads(
+            ring,
+            d_logits,
+            (image,),
+            (text,),
+            (row_lse, col_lse),
+            scale,
+            chunk_size,
+            grad,
         )
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
         text = text.astype(jnp.float32)
-        d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
+        d_image -= 2 * weight * scale * text
         d_text = d_block - 2 * weight * scale * image
         d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
         d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
