@@ -1,6 +1,7 @@
-"""Contrastive losses: softmax (CLIP) and sigmoid (SigLIP), plus retrieval accuracy.
+"""Contrastive losses: softmax (CLIP) and sigmoid (SigLIP), OpenCLIP's distillation
+loss (a student's softmax against a frozen teacher's), plus retrieval accuracy.
 
-Both losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
+The losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
 learnable LOG of the logit scale. `impl` picks the implementation: "dense" builds the
 whole `[batch, batch]` logit matrix and is the reference; "ring" (below) never holds
 more than a `[chunk_size, local_batch]` piece of the logits per device, runs under
@@ -22,16 +23,20 @@ from jax.sharding import PartitionSpec as P
 from jaxclip.ring import PRECISION, Ring, better, matmul32
 
 
-def _check_embeddings(image_emb: jax.Array, text_emb: jax.Array) -> None:
-    """Refuse embeddings that are not a matching pair of `[batch, dim]` arrays."""
+def _check_embeddings(image_emb: jax.Array, text_emb: jax.Array, prefix="") -> None:
+    """Refuse embeddings that are not a matching pair of `[batch, dim]` arrays.
+
+    `prefix` goes before the arguments' names in the message ("teacher_").
+    """
+    names = f"{prefix}image_emb and {prefix}text_emb"
     if jnp.ndim(image_emb) != 2 or jnp.ndim(text_emb) != 2:
         raise ValueError(
-            "image_emb and text_emb must be 2-D [batch, dim], got shapes "
+            f"{names} must be 2-D [batch, dim], got shapes "
             f"{jnp.shape(image_emb)} and {jnp.shape(text_emb)}"
         )
     if jnp.shape(image_emb) != jnp.shape(text_emb):
         raise ValueError(
-            "image_emb and text_emb must have the same shape [batch, dim], got "
+            f"{names} must have the same shape [batch, dim], got "
             f"{jnp.shape(image_emb)} and {jnp.shape(text_emb)}"
         )
 
@@ -98,9 +103,39 @@ def _siglip_loss_dense(
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / batch
 
 
+def _cross_entropy(teacher_logits, student_logits, axis):
+    """`-sum(softmax(teacher) * log_softmax(student))` along `axis`."""
+    teacher_probs = jax.nn.softmax(teacher_logits, axis=axis)
+    return -jnp.sum(teacher_probs * jax.nn.log_softmax(student_logits, axis=axis), axis)
+
+
+def _distill_loss_dense(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    teacher_image_emb: jax.Array,
+    teacher_text_emb: jax.Array,
+    teacher_logit_scale: jax.Array | float,
+    chunk_size: int = 0,
+) -> jax.Array:
+    """Distillation loss on the whole logit matrices (`chunk_size` is for the ring)."""
+    del chunk_size
+    student = _scaled_logits(image_emb, text_emb, logit_scale)
+    # The teacher is frozen (the ring's backward pass gives it zeros too).
+    teacher = jax.lax.stop_gradient(
+        _scaled_logits(teacher_image_emb, teacher_text_emb, teacher_logit_scale)
+    )
+    image_to_text = jnp.mean(_cross_entropy(teacher, student, axis=1))
+    text_to_image = jnp.mean(_cross_entropy(teacher, student, axis=0))
+    return 0.5 * (image_to_text + text_to_image)
+
+
 # Implementations by name; the ring versions add themselves at the end of the module.
 _CLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _clip_loss_dense}
 _SIGLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _siglip_loss_dense}
+_DISTILL_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "dense": _distill_loss_dense
+}
 
 
 def _lookup(impls: dict[str, Callable[..., jax.Array]], impl: str) -> Callable:
@@ -152,6 +187,42 @@ def siglip_loss(
     _check_scalar("logit_bias", logit_bias)
     impl_fn = _lookup(_SIGLIP_LOSS_IMPLS, impl)
     return impl_fn(image_emb, text_emb, logit_scale, logit_bias, chunk_size)
+
+
+def distill_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    teacher_image_emb: jax.Array,
+    teacher_text_emb: jax.Array,
+    teacher_logit_scale: jax.Array | float,
+    *,
+    impl: str = "dense",
+    chunk_size: int = 0,
+) -> jax.Array:
+    """OpenCLIP's `DistillClipLoss` term: the student's cross-entropy to the teacher.
+
+    With student logits `z = exp(logit_scale) * image_emb @ text_emb.T` and teacher
+    logits `y` likewise from the teacher's embeddings and log scale (both
+    `[batch, batch]`), the loss is the mean over rows of
+    `-sum_j softmax_j(y) * log_softmax_j(z)` (image→text) and the same over columns
+    (text→image), averaged. The teacher's embedding dim may differ from the
+    student's; its inputs get no gradient (it is frozen). `chunk_size` is as for
+    `clip_loss`. Returns a float32 scalar.
+    """
+    _check_embeddings(image_emb, text_emb)
+    _check_embeddings(teacher_image_emb, teacher_text_emb, "teacher_")
+    if jnp.shape(teacher_image_emb)[0] != jnp.shape(image_emb)[0]:
+        raise ValueError(
+            "the teacher's batch must be the student's, got teacher embeddings "
+            f"{jnp.shape(teacher_image_emb)} and student embeddings "
+            f"{jnp.shape(image_emb)}"
+        )
+    _check_scalar("logit_scale", logit_scale)
+    _check_scalar("teacher_logit_scale", teacher_logit_scale)
+    impl_fn = _lookup(_DISTILL_LOSS_IMPLS, impl)
+    teacher = (teacher_image_emb, teacher_text_emb, teacher_logit_scale)
+    return impl_fn(image_emb, text_emb, logit_scale, *teacher, chunk_size)
 
 
 def contrastive_accuracy(
@@ -552,6 +623,154 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
 _siglip_loss_ring.defvjp(_siglip_ring_forward, _siglip_ring_backward)
 
 
+def _distill_tiles(scale, teacher_scale, chunk_rows, block):
+    """Student and teacher logit tiles `[chunk, b]` of a distillation ring step."""
+    (image, teacher_image), (text, teacher_text) = chunk_rows, block
+    student = scale * _tile(image, text)
+    return student, teacher_scale * _tile(teacher_image, teacher_text)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _distill_loss_ring(
+    image_emb,
+    text_emb,
+    logit_scale,
+    teacher_image_emb,
+    teacher_text_emb,
+    teacher_logit_scale,
+    chunk_size=0,
+):
+    return _distill_ring_forward(
+        image_emb,
+        text_emb,
+        logit_scale,
+        teacher_image_emb,
+        teacher_text_emb,
+        teacher_logit_scale,
+        chunk_size,
+    )[0]
+
+
+def _distill_ring_forward(
+    image_emb,
+    text_emb,
+    logit_scale,
+    teacher_image_emb,
+    teacher_text_emb,
+    teacher_logit_scale,
+    chunk_size,
+):
+    """Loss plus the row and column log-sum-exps of student and teacher logits.
+
+    The student and teacher text blocks travel the ring together. Per row (and per
+    column) it keeps the student's log-sum-exp and the teacher's softmax statistics
+    with the teacher-weighted sum of student logits, so that the cross-entropy is
+    `lse(z) - sum(softmax(y) * z)`.
+    """
+    ring = Ring.of()
+    batch = image_emb.shape[0]
+    rows, lse = P(ring.axes, None), P(ring.axes)
+
+    def body(image, text, log_scale, teacher_image, teacher_text, teacher_log_scale):
+        # Text blocks travel in the embedding dtype; tiles are computed in float32.
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        teacher_scale = jnp.exp(teacher_log_scale.astype(jnp.float32))
+        local_rows = (image.astype(jnp.float32), teacher_image.astype(jnp.float32))
+        tile_logits = partial(_distill_tiles, scale, teacher_scale)
+        # Student logits: log-sum-exp only; teacher: also its softmax-weighted sum of
+        # the student logits (matrix 0).
+        row_stats, col_stats = _ring_softmax_stats(
+            ring, tile_logits, ((), (0,)), local_rows, (text, teacher_text), chunk_size
+        )
+
+        def cross_entropy(stats):
+            # Per row (or column): lse(z) - sum(softmax(y) * z), summed.
+            student, (_, teacher_sum, weighted_student) = stats
+            return jnp.sum(_lse(student) - weighted_student / teacher_sum)
+
+        local_loss = cross_entropy(row_stats) + cross_entropy(col_stats)
+        loss = jax.lax.psum(local_loss, ring.axes) / (2 * batch)
+        lses = [_lse(stats) for stats in (*row_stats, *col_stats)]
+        return loss, *lses
+
+    fn = _ring_fn(body, (rows, rows, P(), rows, rows, P()), (P(), lse, lse, lse, lse))
+    inputs = (
+        image_emb,
+        text_emb,
+        logit_scale,
+        teacher_image_emb,
+        teacher_text_emb,
+        teacher_logit_scale,
+    )
+    loss, *lses = fn(*inputs)
+    return loss, (*inputs, *lses)
+
+
+def _distill_ring_backward(chunk_size, residuals, grad):
+    *inputs, row_lse_z, row_lse_y, col_lse_z, col_lse_y = residuals
+    image_emb = inputs[0]
+    ring = Ring.of()
+    batch = image_emb.shape[0]
+    rows, lse = P(ring.axes, None), P(ring.axes)
+
+    def body(
+        image,
+        text,
+        log_scale,
+        teacher_image,
+        teacher_text,
+        teacher_log_scale,
+        row_lse_z,
+        row_lse_y,
+        col_lse_z,
+        col_lse_y,
+        grad,
+    ):
+        image_dtype, text_dtype = image.dtype, text.dtype
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        teacher_scale = jnp.exp(teacher_log_scale.astype(jnp.float32))
+        local_rows = (image.astype(jnp.float32), teacher_image.astype(jnp.float32))
+        weight = grad / (2 * batch)
+
+        def d_logits(chunk_rows, block, chunk_lses, block_lses):
+            # dL/dz = weight * (student softmax - teacher softmax), rows and columns.
+            student, teacher = _distill_tiles(scale, teacher_scale, chunk_rows, block)
+            (row_z, row_y), (col_z, col_y) = chunk_lses, block_lses
+            by_row = jnp.exp(student - row_z[:, None]) - jnp.exp(
+                teacher - row_y[:, None]
+            )
+            by_col = jnp.exp(student - col_z[None, :]) - jnp.exp(
+                teacher - col_y[None, :]
+            )
+            return weight * (by_row + by_col), student
+
+        residuals = ((row_lse_z, row_lse_y), (col_lse_z, col_lse_y))
+        d_image, d_text, d_log_scale = _ring_logit_grads(
+            ring,
+            d_logits,
+            local_rows,
+            (text, teacher_text),
+            residuals,
+            scale,
+            chunk_size,
+            grad,
+        )
+        d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
+        # The teacher is frozen: its cotangents are zeros, made here so that they
+        # come out sharded like the teacher's inputs.
+        teacher = (teacher_image, teacher_text, teacher_log_scale)
+        d_teacher = jax.tree.map(jnp.zeros_like, teacher)
+        student = d_image.astype(image_dtype), d_text.astype(text_dtype), d_log_scale
+        return *student, *d_teacher
+
+    in_specs = (rows, rows, P(), rows, rows, P(), lse, lse, lse, lse, P())
+    fn = _ring_fn(body, in_specs, (rows, rows, P(), rows, rows, P()))
+    return fn(*inputs, row_lse_z, row_lse_y, col_lse_z, col_lse_y, grad)
+
+
+_distill_loss_ring.defvjp(_distill_ring_forward, _distill_ring_backward)
+
+
 def _accuracy_ring(image_emb, text_emb, chunk_size):
     """Both in-batch argmaxes with the ring: forward only, `[chunk, b]` at a time."""
     ring = Ring.of()
@@ -603,8 +822,9 @@ def _accuracy_ring(image_emb, text_emb, chunk_size):
 
 _CLIP_LOSS_IMPLS["ring"] = _clip_loss_ring
 _SIGLIP_LOSS_IMPLS["ring"] = _siglip_loss_ring
+_DISTILL_LOSS_IMPLS["ring"] = _distill_loss_ring
 
 # The config's choices, owned here: `loss.name` picks a loss, `loss.impl` one of the
-# implementations (both losses have the same ones).
+# implementations (every loss has the same ones).
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = tuple(_CLIP_LOSS_IMPLS)
