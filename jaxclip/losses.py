@@ -1,6 +1,7 @@
-"""Contrastive losses: softmax (CLIP) and sigmoid (SigLIP), plus retrieval accuracy.
+"""Contrastive losses: softmax (CLIP) and sigmoid (SigLIP), OpenCLIP's distillation
+loss (a student's softmax against a frozen teacher's), plus retrieval accuracy.
 
-Both losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
+The losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
 learnable LOG of the logit scale. `impl` picks the implementation: "dense" builds the
 whole `[batch, batch]` logit matrix and is the reference; "ring" (below) never holds
 more than a `[chunk_size, local_batch]` piece of the logits per device, runs under
@@ -22,16 +23,20 @@ from jax.sharding import PartitionSpec as P
 from jaxclip.ring import PRECISION, Ring, better, matmul32
 
 
-def _check_embeddings(image_emb: jax.Array, text_emb: jax.Array) -> None:
-    """Refuse embeddings that are not a matching pair of `[batch, dim]` arrays."""
+def _check_embeddings(image_emb: jax.Array, text_emb: jax.Array, prefix="") -> None:
+    """Refuse embeddings that are not a matching pair of `[batch, dim]` arrays.
+
+    `prefix` goes before the arguments' names in the message ("teacher_").
+    """
+    names = f"{prefix}image_emb and {prefix}text_emb"
     if jnp.ndim(image_emb) != 2 or jnp.ndim(text_emb) != 2:
         raise ValueError(
-            "image_emb and text_emb must be 2-D [batch, dim], got shapes "
+            f"{names} must be 2-D [batch, dim], got shapes "
             f"{jnp.shape(image_emb)} and {jnp.shape(text_emb)}"
         )
     if jnp.shape(image_emb) != jnp.shape(text_emb):
         raise ValueError(
-            "image_emb and text_emb must have the same shape [batch, dim], got "
+            f"{names} must have the same shape [batch, dim], got "
             f"{jnp.shape(image_emb)} and {jnp.shape(text_emb)}"
         )
 
@@ -98,9 +103,39 @@ def _siglip_loss_dense(
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / batch
 
 
+def _cross_entropy(teacher_logits, student_logits, axis):
+    """`-sum(softmax(teacher) * log_softmax(student))` along `axis`."""
+    teacher_probs = jax.nn.softmax(teacher_logits, axis=axis)
+    return -jnp.sum(teacher_probs * jax.nn.log_softmax(student_logits, axis=axis), axis)
+
+
+def _distill_loss_dense(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    teacher_image_emb: jax.Array,
+    teacher_text_emb: jax.Array,
+    teacher_logit_scale: jax.Array | float,
+    chunk_size: int = 0,
+) -> jax.Array:
+    """Distillation loss on the whole logit matrices (`chunk_size` is for the ring)."""
+    del chunk_size
+    student = _scaled_logits(image_emb, text_emb, logit_scale)
+    # The teacher is frozen (the ring's backward pass gives it zeros too).
+    teacher = jax.lax.stop_gradient(
+        _scaled_logits(teacher_image_emb, teacher_text_emb, teacher_logit_scale)
+    )
+    image_to_text = jnp.mean(_cross_entropy(teacher, student, axis=1))
+    text_to_image = jnp.mean(_cross_entropy(teacher, student, axis=0))
+    return 0.5 * (image_to_text + text_to_image)
+
+
 # Implementations by name; the ring versions add themselves at the end of the module.
 _CLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _clip_loss_dense}
 _SIGLIP_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {"dense": _siglip_loss_dense}
+_DISTILL_LOSS_IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "dense": _distill_loss_dense
+}
 
 
 def _lookup(impls: dict[str, Callable[..., jax.Array]], impl: str) -> Callable:
@@ -152,6 +187,42 @@ def siglip_loss(
     _check_scalar("logit_bias", logit_bias)
     impl_fn = _lookup(_SIGLIP_LOSS_IMPLS, impl)
     return impl_fn(image_emb, text_emb, logit_scale, logit_bias, chunk_size)
+
+
+def distill_loss(
+    image_emb: jax.Array,
+    text_emb: jax.Array,
+    logit_scale: jax.Array | float,
+    teacher_image_emb: jax.Array,
+    teacher_text_emb: jax.Array,
+    teacher_logit_scale: jax.Array | float,
+    *,
+    impl: str = "dense",
+    chunk_size: int = 0,
+) -> jax.Array:
+    """OpenCLIP's `DistillClipLoss` term: the student's cross-entropy to the teacher.
+
+    With student logits `z = exp(logit_scale) * image_emb @ text_emb.T` and teacher
+    logits `y` likewise from the teacher's embeddings and log scale (both
+    `[batch, batch]`), the loss is the mean over rows of
+    `-sum_j softmax_j(y) * log_softmax_j(z)` (image→text) and the same over columns
+    (text→image), averaged. The teacher's embedding dim may differ from the
+    student's; its inputs get no gradient (it is frozen). `chunk_size` is as for
+    `clip_loss`. Returns a float32 scalar.
+    """
+    _check_embeddings(image_emb, text_emb)
+    _check_embeddings(teacher_image_emb, teacher_text_emb, "teacher_")
+    if jnp.shape(teacher_image_emb)[0] != jnp.shape(image_emb)[0]:
+        raise ValueError(
+            "the teacher's batch must be the student's, got teacher embeddings "
+            f"{jnp.shape(teacher_image_emb)} and student embeddings "
+            f"{jnp.shape(image_emb)}"
+        )
+    _check_scalar("logit_scale", logit_scale)
+    _check_scalar("teacher_logit_scale", teacher_logit_scale)
+    impl_fn = _lookup(_DISTILL_LOSS_IMPLS, impl)
+    teacher = (teacher_image_emb, teacher_text_emb, teacher_logit_scale)
+    return impl_fn(image_emb, text_emb, logit_scale, *teacher, chunk_size)
 
 
 def contrastive_accuracy(
@@ -247,14 +318,130 @@ def _siglip_labels(row_ids: jax.Array, width: int, step) -> jax.Array:
     return jnp.where(matched, 1.0, -1.0)
 
 
-def _merge_lse(stats, tile_max, tile_sum):
-    """Online log-sum-exp: running (max, sum of exp(x - max)) with a tile's."""
-    running_max, running_sum = stats
+def _softmax_stats(logits, averaged, axis):
+    """A tile's part of an online softmax along `axis`: `(max, sum of e, *sums of
+    e * x for x in averaged)`, e = exp(logits - max). `averaged` are arrays shaped like
+    `logits`, whose softmax-weighted means the sums give once divided by the sum of e.
+    """
+    top = logits.max(axis=axis)
+    weights = jnp.exp(logits - jnp.expand_dims(top, axis))
+    sums = (jnp.sum(weights * x, axis=axis) for x in averaged)
+    return (top, weights.sum(axis=axis), *sums)
+
+
+def _merge_softmax(stats, tile):
+    """Online softmax: running `(max, *sums)` with a tile's, rescaled to the new max."""
+    running_max, *running_sums = stats
+    tile_max, *tile_sums = tile
     new_max = jnp.maximum(running_max, tile_max)
-    new_sum = running_sum * jnp.exp(running_max - new_max) + tile_sum * jnp.exp(
-        tile_max - new_max
+    old, new = jnp.exp(running_max - new_max), jnp.exp(tile_max - new_max)
+    return (new_max, *(r * old + t * new for r, t in zip(running_sums, tile_sums)))
+
+
+def _lse(stats) -> jax.Array:
+    """The log-sum-exp of online softmax statistics `(max, sum, ...)`."""
+    return stats[0] + jnp.log(stats[1])
+
+
+def _ring_softmax_stats(ring, tile_logits, averaged, rows, block, chunk_size):
+    """Online row and column softmax statistics of logit matrices, over the ring.
+
+    Runs inside shard_map. `rows` (a tuple of this device's `[local, d_k]` float32
+    arrays) stay; `block` (a tuple of text-side `[local, d_k]` arrays, the device's
+    own) goes round. `tile_logits(chunk_rows, block)` gives a tuple of float32 logit
+    tiles `[chunk, local]`, one for each matrix; `averaged[k]` lists the matrices whose
+    softmax-weighted sums under matrix k are kept too (see `_softmax_stats`).
+    Returns `(row_stats, col_stats)`: per matrix, `(max, sum, *weighted sums)`, each
+    `[local]`; the column statistics are those of this device's own block.
+    """
+    local = rows[0].shape[0]
+    chunks = tuple(_row_chunks(r, chunk_size)[0] for r in rows)
+    valid = _row_chunks(rows[0], chunk_size)[1]
+
+    def tile_stats(block, col_stats, xs):
+        # One [chunk, b] piece of each tile: its rows are complete over this block;
+        # the block's column statistics are updated online.
+        chunk_rows, ok = xs
+        tiles = tile_logits(chunk_rows, block)
+        row_stats, new_col_stats = [], []
+        for logits, stats, indices in zip(tiles, col_stats, averaged):
+            others = [tiles[k] for k in indices]  # finite on padded rows: zero rows
+            row_stats.append(_softmax_stats(logits, others, axis=1))
+            masked = jnp.where(ok[:, None], logits, -jnp.inf)
+            tile = _softmax_stats(masked, others, axis=0)
+            new_col_stats.append(_merge_softmax(stats, tile))
+        return tuple(new_col_stats), tuple(row_stats)
+
+    def step(_, row_stats, block, col_stats):
+        col_stats, tile = jax.lax.scan(
+            partial(tile_stats, block), col_stats, (chunks, valid)
+        )
+        tile = jax.tree.map(lambda x: _unchunk(x, local), tile)
+        row_stats = tuple(map(_merge_softmax, row_stats, tile))
+        return row_stats, col_stats
+
+    # Built from the local rows, so that shard_map types them as per-device values.
+    neg_inf = jnp.full_like(rows[0][:, 0], -jnp.inf)
+    zero = jnp.zeros_like(neg_inf)
+    empty = tuple((neg_inf, zero, *(zero for _ in indices)) for indices in averaged)
+    # Two steps per loop iteration, as in the backward pass (`_ring_logit_grads`).
+    return ring.run(step, empty, block, empty, unroll=2)
+
+
+def _ring_logit_grads(
+    ring, d_logits_fn, rows, block, residuals, scale, chunk_size, grad
+):
+    """The ring of a softmax loss's backward pass: each tile recomputed once, and
+    back through the student's logits `scale * rows[0] @ block[0].T`.
+
+    Runs inside shard_map. `rows`, `block` are as for `_ring_softmax_stats`;
+    `residuals` is `(row_residuals, col_residuals)`, trees of `[local]` arrays (the
+    log-sum-exps): the row ones stay, the column ones ride with their block.
+    `d_logits_fn(chunk_rows, block, chunk_residuals, block_residuals)` gives the
+    cotangent of the student's logit tile `[chunk, local]` and that tile.
+    Returns this device's float32 `(d_rows [local, d], d_block [local, d],
+    d_log_scale)`, the gradients w.r.t. `rows[0]`, its own `block[0]` and the log
+    scale, before any psum.
+    """
+    row_residuals, col_residuals = residuals
+    local = rows[0].shape[0]
+    chunks = tuple(_row_chunks(r, chunk_size)[0] for r in rows)
+    valid = _row_chunks(rows[0], chunk_size)[1]
+    residual_chunks = jax.tree.map(
+        lambda r: _row_chunks(r, chunk_size)[0], row_residuals
     )
-    return new_max, new_sum
+
+    def tile_grads(block, block_residuals, grads, xs):
+        chunk_rows, ok, chunk_residuals, index = xs
+        d_logits, logits = d_logits_fn(
+            chunk_rows, block, chunk_residuals, block_residuals
+        )
+        grads, d_logits = _tile_backward(
+            grads, d_logits, chunk_rows[0], block[0], ok, index, scale
+        )
+        return grads, jnp.sum(d_logits * logits)
+
+    def step(_, carry, block, riders):
+        d_chunks, d_log_scale = carry
+        block_residuals, d_block = riders
+        (d_block, d_chunks), d_scale_parts = jax.lax.scan(
+            partial(tile_grads, block, block_residuals),
+            (d_block, d_chunks),
+            (chunks, valid, residual_chunks, jnp.arange(len(valid))),
+        )
+        carry = (d_chunks, d_log_scale + jnp.sum(d_scale_parts))
+        return carry, (block_residuals, d_block)
+
+    # The block's gradient accumulates and travels in float32.
+    carry = (jnp.zeros_like(chunks[0]), jnp.zeros((), jnp.float32))
+    riders = (col_residuals, jnp.zeros_like(block[0], jnp.float32))
+    # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
+    # and gradient back into the loop's carry each step, three [b, d] buffers
+    # more (docs/tpu.md).
+    (d_chunks, d_log_scale), (_, d_block) = ring.run(
+        step, carry, block, riders, wait_for=grad, unroll=2
+    )
+    return _unchunk(d_chunks, local), d_block, d_log_scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -272,37 +459,14 @@ def _clip_ring_forward(image_emb, text_emb, logit_scale, chunk_size):
         # Text blocks travel in the embedding dtype; tiles are computed in float32.
         image = image.astype(jnp.float32)
         scale = jnp.exp(log_scale.astype(jnp.float32))
-        local = image.shape[0]
-        chunks, valid = _row_chunks(image, chunk_size)
 
-        def tile_stats(block, col_stats, xs):
-            # One [chunk, b] piece of the tile: its rows are complete over this
-            # block; the block's column statistics are updated online.
-            chunk_rows, ok = xs
-            logits = scale * _tile(chunk_rows, block)
-            row_max = logits.max(axis=1)
-            row_sum = jnp.exp(logits - row_max[:, None]).sum(axis=1)
-            logits = jnp.where(ok[:, None], logits, -jnp.inf)
-            col_max = logits.max(axis=0)
-            col_sum = jnp.exp(logits - col_max[None, :]).sum(axis=0)
-            return _merge_lse(col_stats, col_max, col_sum), (row_max, row_sum)
+        def tile_logits(chunk_rows, block):
+            return (scale * _tile(chunk_rows[0], block[0]),)
 
-        def step(_, row_stats, block, col_stats):
-            col_stats, (tile_max, tile_sum) = jax.lax.scan(
-                partial(tile_stats, block), col_stats, (chunks, valid)
-            )
-            tile = _unchunk(tile_max, local), _unchunk(tile_sum, local)
-            return _merge_lse(row_stats, *tile), col_stats
-
-        # Built from the local rows, so that shard_map types them as per-device values.
-        neg_inf = jnp.full_like(image[:, 0], -jnp.inf)
-        empty = (neg_inf, jnp.zeros_like(neg_inf))
-        # Two steps per loop iteration, as in the backward pass (below).
-        (row_max, row_sum), (col_max, col_sum) = ring.run(
-            step, empty, text, empty, unroll=2
+        (row_stats,), (col_stats,) = _ring_softmax_stats(
+            ring, tile_logits, ((),), (image,), (text,), chunk_size
         )
-        row_lse = row_max + jnp.log(row_sum)
-        col_lse = col_max + jnp.log(col_sum)
+        row_lse, col_lse = _lse(row_stats), _lse(col_stats)
         matched = scale * jnp.sum(image * text.astype(jnp.float32), axis=1)
         local_loss = jnp.sum(row_lse - matched) + jnp.sum(col_lse - matched)
         loss = jax.lax.psum(local_loss, ring.axes) / (2 * batch)
@@ -324,47 +488,27 @@ def _clip_ring_backward(chunk_size, residuals, grad):
         image = image.astype(jnp.float32)  # text blocks travel in their own dtype
         scale = jnp.exp(log_scale.astype(jnp.float32))
         weight = grad / (2 * batch)  # dL/dlogits = weight * (row softmax + col softmax)
-        local = image.shape[0]
-        chunks, valid = _row_chunks(image, chunk_size)
-        lse_chunks, _ = _row_chunks(row_lse, chunk_size)
 
-        def tile_grads(block, block_lse, grads, xs):
-            chunk_rows, ok, chunk_lse, index = xs
-            logits = scale * _tile(chunk_rows, block)
-            d_logits = weight * (
-                jnp.exp(logits - chunk_lse[:, None])
-                + jnp.exp(logits - block_lse[None, :])
+        def d_logits(chunk_rows, block, chunk_lse, block_lse):
+            logits = scale * _tile(chunk_rows[0], block[0])
+            softmaxes = jnp.exp(logits - chunk_lse[:, None]) + jnp.exp(
+                logits - block_lse[None, :]
             )
-            grads, d_logits = _tile_backward(
-                grads, d_logits, chunk_rows, block, ok, index, scale
-            )
-            return grads, jnp.sum(d_logits * logits)
+            return weight * softmaxes, logits
 
-        def step(_, carry, block, riders):
-            d_chunks, d_log_scale = carry
-            block_lse, d_block = riders
-            (d_block, d_chunks), d_scale_parts = jax.lax.scan(
-                partial(tile_grads, block, block_lse),
-                (d_block, d_chunks),
-                (chunks, valid, lse_chunks, jnp.arange(len(chunks))),
-            )
-            return (d_chunks, d_log_scale + jnp.sum(d_scale_parts)), (
-                block_lse,
-                d_block,
-            )
-
-        # The block's gradient accumulates and travels in float32.
-        carry = (jnp.zeros_like(chunks), jnp.zeros((), jnp.float32))
-        riders = (col_lse, jnp.zeros_like(text, jnp.float32))
-        # Two steps per loop iteration: with one, XLA:TPU copies the travelling block
-        # and gradient back into the loop's carry each step, three [b, d] buffers
-        # more (docs/tpu.md).
-        (d_chunks, d_log_scale), (_, d_block) = ring.run(
-            step, carry, text, riders, wait_for=grad, unroll=2
+        d_image, d_block, d_log_scale = _ring_logit_grads(
+            ring,
+            d_logits,
+            (image,),
+            (text,),
+            (row_lse, col_lse),
+            scale,
+            chunk_size,
+            grad,
         )
         # The matched pairs' -logit terms: -(grad / B) per row and per column.
         text = text.astype(jnp.float32)
-        d_image = _unchunk(d_chunks, local) - 2 * weight * scale * text
+        d_image -= 2 * weight * scale * text
         d_text = d_block - 2 * weight * scale * image
         d_log_scale -= 2 * weight * scale * jnp.sum(image * text)
         d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
@@ -479,6 +623,154 @@ def _siglip_ring_backward(chunk_size, residuals, grad):
 _siglip_loss_ring.defvjp(_siglip_ring_forward, _siglip_ring_backward)
 
 
+def _distill_tiles(scale, teacher_scale, chunk_rows, block):
+    """Student and teacher logit tiles `[chunk, b]` of a distillation ring step."""
+    (image, teacher_image), (text, teacher_text) = chunk_rows, block
+    student = scale * _tile(image, text)
+    return student, teacher_scale * _tile(teacher_image, teacher_text)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _distill_loss_ring(
+    image_emb,
+    text_emb,
+    logit_scale,
+    teacher_image_emb,
+    teacher_text_emb,
+    teacher_logit_scale,
+    chunk_size=0,
+):
+    return _distill_ring_forward(
+        image_emb,
+        text_emb,
+        logit_scale,
+        teacher_image_emb,
+        teacher_text_emb,
+        teacher_logit_scale,
+        chunk_size,
+    )[0]
+
+
+def _distill_ring_forward(
+    image_emb,
+    text_emb,
+    logit_scale,
+    teacher_image_emb,
+    teacher_text_emb,
+    teacher_logit_scale,
+    chunk_size,
+):
+    """Loss plus the row and column log-sum-exps of student and teacher logits.
+
+    The student and teacher text blocks travel the ring together. Per row (and per
+    column) it keeps the student's log-sum-exp and the teacher's softmax statistics
+    with the teacher-weighted sum of student logits, so that the cross-entropy is
+    `lse(z) - sum(softmax(y) * z)`.
+    """
+    ring = Ring.of()
+    batch = image_emb.shape[0]
+    rows, lse = P(ring.axes, None), P(ring.axes)
+
+    def body(image, text, log_scale, teacher_image, teacher_text, teacher_log_scale):
+        # Text blocks travel in the embedding dtype; tiles are computed in float32.
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        teacher_scale = jnp.exp(teacher_log_scale.astype(jnp.float32))
+        local_rows = (image.astype(jnp.float32), teacher_image.astype(jnp.float32))
+        tile_logits = partial(_distill_tiles, scale, teacher_scale)
+        # Student logits: log-sum-exp only; teacher: also its softmax-weighted sum of
+        # the student logits (matrix 0).
+        row_stats, col_stats = _ring_softmax_stats(
+            ring, tile_logits, ((), (0,)), local_rows, (text, teacher_text), chunk_size
+        )
+
+        def cross_entropy(stats):
+            # Per row (or column): lse(z) - sum(softmax(y) * z), summed.
+            student, (_, teacher_sum, weighted_student) = stats
+            return jnp.sum(_lse(student) - weighted_student / teacher_sum)
+
+        local_loss = cross_entropy(row_stats) + cross_entropy(col_stats)
+        loss = jax.lax.psum(local_loss, ring.axes) / (2 * batch)
+        lses = [_lse(stats) for stats in (*row_stats, *col_stats)]
+        return loss, *lses
+
+    fn = _ring_fn(body, (rows, rows, P(), rows, rows, P()), (P(), lse, lse, lse, lse))
+    inputs = (
+        image_emb,
+        text_emb,
+        logit_scale,
+        teacher_image_emb,
+        teacher_text_emb,
+        teacher_logit_scale,
+    )
+    loss, *lses = fn(*inputs)
+    return loss, (*inputs, *lses)
+
+
+def _distill_ring_backward(chunk_size, residuals, grad):
+    *inputs, row_lse_z, row_lse_y, col_lse_z, col_lse_y = residuals
+    image_emb = inputs[0]
+    ring = Ring.of()
+    batch = image_emb.shape[0]
+    rows, lse = P(ring.axes, None), P(ring.axes)
+
+    def body(
+        image,
+        text,
+        log_scale,
+        teacher_image,
+        teacher_text,
+        teacher_log_scale,
+        row_lse_z,
+        row_lse_y,
+        col_lse_z,
+        col_lse_y,
+        grad,
+    ):
+        image_dtype, text_dtype = image.dtype, text.dtype
+        scale = jnp.exp(log_scale.astype(jnp.float32))
+        teacher_scale = jnp.exp(teacher_log_scale.astype(jnp.float32))
+        local_rows = (image.astype(jnp.float32), teacher_image.astype(jnp.float32))
+        weight = grad / (2 * batch)
+
+        def d_logits(chunk_rows, block, chunk_lses, block_lses):
+            # dL/dz = weight * (student softmax - teacher softmax), rows and columns.
+            student, teacher = _distill_tiles(scale, teacher_scale, chunk_rows, block)
+            (row_z, row_y), (col_z, col_y) = chunk_lses, block_lses
+            by_row = jnp.exp(student - row_z[:, None]) - jnp.exp(
+                teacher - row_y[:, None]
+            )
+            by_col = jnp.exp(student - col_z[None, :]) - jnp.exp(
+                teacher - col_y[None, :]
+            )
+            return weight * (by_row + by_col), student
+
+        residuals = ((row_lse_z, row_lse_y), (col_lse_z, col_lse_y))
+        d_image, d_text, d_log_scale = _ring_logit_grads(
+            ring,
+            d_logits,
+            local_rows,
+            (text, teacher_text),
+            residuals,
+            scale,
+            chunk_size,
+            grad,
+        )
+        d_log_scale = jax.lax.psum(d_log_scale, ring.axes).astype(log_scale.dtype)
+        # The teacher is frozen: its cotangents are zeros, made here so that they
+        # come out sharded like the teacher's inputs.
+        teacher = (teacher_image, teacher_text, teacher_log_scale)
+        d_teacher = jax.tree.map(jnp.zeros_like, teacher)
+        student = d_image.astype(image_dtype), d_text.astype(text_dtype), d_log_scale
+        return *student, *d_teacher
+
+    in_specs = (rows, rows, P(), rows, rows, P(), lse, lse, lse, lse, P())
+    fn = _ring_fn(body, in_specs, (rows, rows, P(), rows, rows, P()))
+    return fn(*inputs, row_lse_z, row_lse_y, col_lse_z, col_lse_y, grad)
+
+
+_distill_loss_ring.defvjp(_distill_ring_forward, _distill_ring_backward)
+
+
 def _accuracy_ring(image_emb, text_emb, chunk_size):
     """Both in-batch argmaxes with the ring: forward only, `[chunk, b]` at a time."""
     ring = Ring.of()
@@ -530,8 +822,9 @@ def _accuracy_ring(image_emb, text_emb, chunk_size):
 
 _CLIP_LOSS_IMPLS["ring"] = _clip_loss_ring
 _SIGLIP_LOSS_IMPLS["ring"] = _siglip_loss_ring
+_DISTILL_LOSS_IMPLS["ring"] = _distill_loss_ring
 
 # The config's choices, owned here: `loss.name` picks a loss, `loss.impl` one of the
-# implementations (both losses have the same ones).
+# implementations (every loss has the same ones).
 LOSS_NAMES = ("clip", "siglip")
 LOSS_IMPLS = tuple(_CLIP_LOSS_IMPLS)
