@@ -223,6 +223,11 @@ def compile_recipe(
 ) -> dict[str, Any]:
     """Compile the trainer's step (and evaluation encoders) for `devices`; a report."""
     validate_config(config, num_devices=len(devices), check_data=False)
+    if config.train.distill_from:
+        raise ConfigError(
+            "jaxclip.aot does not compile distillation runs yet (train.distill_from="
+            f"{config.train.distill_from!r}): compile the student alone"
+        )
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     platform = devices[0].platform
     model = model_from_config(config, platform)

@@ -144,6 +144,10 @@ def _train_fields() -> ml_collections.ConfigDict:
     train.freeze = ()
     # Then unlock the last N blocks, and the head, of each tower locked whole (0: none)
     train.unlock_last = 0
+    # Distil from a frozen teacher: weights as for model.init_from ("": off); the loss
+    # adds distill_weight x OpenCLIP's distillation term (jaxclip/train/distill.py)
+    train.distill_from = ""
+    train.distill_weight = 1.0
     return train
 
 
@@ -247,6 +251,13 @@ FIELD_RULES: dict[str, Rule] = {
         "['visual/.*'] (or () to lock nothing)",
     ),
     "train.unlock_last": NON_NEGATIVE_INT,
+    "train.distill_from": Rule(
+        _is_weights_source,
+        "must be an existing path (a jaxclip workdir or checkpoint, an OpenCLIP "
+        "weights file or directory, a Hugging Face model directory), "
+        "'hf-hub:ORG/REPO', or '' (off)",
+    ),
+    "train.distill_weight": POSITIVE,
     "train.compile_cache_dir": Rule(
         lambda value: isinstance(value, str),
         "must be a directory path (or empty to disable the cache)",

@@ -53,7 +53,8 @@ STACK = "transformer"  # a tower's stacked residual blocks, `[layers, ...]` each
 TRAIN, LOCKED = "train", "locked"
 
 
-def _path(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A tree path as "/"-joined keys ("visual/conv1/kernel")."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
@@ -91,7 +92,7 @@ class Freeze:
         """Per "/"-joined leaf path: TRAIN, LOCKED, or the first trainable layer (an
         int) of a stacked leaf. Raises ConfigError for rules that cannot work."""
         leaves = {
-            _path(path): _unboxed(leaf)
+            path_name(path): _unboxed(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(
                 tree, is_leaf=_is_leaf
             )
@@ -184,7 +185,7 @@ class Freeze:
         plan = self.plan(tree)
 
         def keep(path, leaf):
-            state = plan[_path(path)]
+            state = plan[path_name(path)]
             if state == LOCKED:
                 return None
             if state == TRAIN:
@@ -203,12 +204,12 @@ class Freeze:
             return view
         plan = self.plan(tree)
         flat_view = {
-            _path(path): leaf
+            path_name(path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(view)
         }
 
         def put(path, leaf):
-            name = _path(path)
+            name = path_name(path)
             state = plan[name]
             if state == LOCKED:
                 return leaf
@@ -222,7 +223,7 @@ class Freeze:
         """One line for the log: how many parameters train, and where."""
         plan = self.plan(tree)
         leaves = {
-            _path(path): _unboxed(leaf)
+            path_name(path): _unboxed(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(
                 tree, is_leaf=_is_leaf
             )

@@ -36,8 +36,9 @@ from jaxclip.models.build import (
 )
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
-from jaxclip.train import ema, mfu
+from jaxclip.train import distill, ema, mfu
 from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
+from jaxclip.train.distill import load_teacher
 from jaxclip.train.freeze import Freeze
 from jaxclip.train.guard import NonFiniteError, NonFiniteGuard, all_finite
 from jaxclip.train.init_from import init_from_weights
@@ -55,16 +56,17 @@ from jaxclip.train.step import make_train_step, step_batch_spec
 
 
 def compile_train_step(
-    train_step: Callable, state: Any, batch: Any
+    train_step: Callable, state: Any, batch: Any, *constants: Any
 ) -> tuple[Callable, float]:
     """Compile the step ahead of time for these arguments: (compiled step, seconds).
 
     The compiled step's `cost_analysis()` gives its FLOPs, and compiling here separates
     compile time from step time. The compiled step keeps the jitted one's shardings
-    and donation; it needs no mesh context to run.
+    and donation; it needs no mesh context to run. `constants` (a teacher's
+    variables) are the step's arguments after the batch.
     """
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    compiled = train_step.lower(state, batch, *constants).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -75,9 +77,12 @@ def compile_and_report(
     batch: Any,
     writer: MetricWriter,
     log: Callable[..., None],
+    *constants: Any,
 ) -> Callable:
-    """Compile the step, count its FLOPs, and tell the writer (for MFU); returns it."""
-    compiled, seconds = compile_train_step(train_step, state, batch)
+    """Compile the step, count its FLOPs, and tell the writer (for MFU); returns it,
+    as a function of `(state, batch)` (`constants`, as in `compile_train_step`, are
+    bound)."""
+    compiled, seconds = compile_train_step(train_step, state, batch, *constants)
     devices = jax.device_count()
     analytic = mfu.analytic_flops(
         get_model_config(config.model.name),
@@ -94,7 +99,13 @@ def compile_and_report(
         f"device per step ({source}; analytic {analytic / devices / 1e12:.3g}); "
         f"{peak_text}"
     )
-    return compiled
+    if not constants:
+        return compiled
+    return functools.partial(_with_constants, compiled, constants)
+
+
+def _with_constants(compiled: Callable, constants: tuple, state: Any, batch: Any):
+    return compiled(state, batch, *constants)
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -188,12 +199,22 @@ class Trainer:
         if not Freeze.of(config).off:
             log(Freeze.of(config).describe(state.params))
         writer = MetricWriter(workdir, config.train.steps)
+        teacher = (
+            load_teacher(config, model, mesh, log) if distill.enabled(config) else None
+        )
         train_step = make_train_step(
-            config, model, tx, learning_rate_schedule(config), mesh, state_shardings
+            config,
+            model,
+            tx,
+            learning_rate_schedule(config),
+            mesh,
+            state_shardings,
+            teacher,
         )
         batch_spec = step_batch_spec(config, mesh)
+        constants = () if teacher is None else (teacher.variables,)
         compiled = compile_and_report(
-            config, train_step, state, batch_spec, writer, log
+            config, train_step, state, batch_spec, writer, log, *constants
         )
         best = None
         if config.checkpoint.best_metric:

@@ -19,7 +19,7 @@ from jaxclip import sharding
 from jaxclip.models.build import example_inputs, strip_axis_metadata
 from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
 from jaxclip.train.ema import init_ema
-from jaxclip.train.freeze import Freeze, optimize_trainable
+from jaxclip.train.freeze import Freeze, optimize_trainable, path_name
 
 # Only weight matrices decay: not gains, biases, embeddings or the temperature.
 DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
@@ -132,14 +132,10 @@ def abstract_train_state(
     return abstract, shardings
 
 
-def _path_name(path: tuple) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def named_leaves(tree: Any) -> dict[str, Any]:
     """A tree's leaves by their "/"-joined path ("visual/conv1/kernel")."""
     return {
-        _path_name(path): leaf
+        path_name(path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 
@@ -175,7 +171,7 @@ def train_state_from_variables(
     def place(tree: Any, collection: str) -> Any:
         host = named_leaves(variables.get(collection, {}))
         return jax.tree_util.tree_map_with_path(
-            lambda path, target: put_sharded(host[_path_name(path)], target), tree
+            lambda path, target: put_sharded(host[path_name(path)], target), tree
         )
 
     params = place(abstract.params, "params")

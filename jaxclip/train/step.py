@@ -16,6 +16,7 @@ from jaxclip import losses, sharding
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
+from jaxclip.train.distill import Teacher
 from jaxclip.train.ema import update_ema
 from jaxclip.train.freeze import NOTHING_LOCKED, Freeze, stop_locked_towers
 from jaxclip.train.state import TrainState, clip_logit_scale
@@ -45,6 +46,31 @@ def contrastive_loss(
         impl=config.loss.impl,
         chunk_size=config.loss.chunk_size,
     )
+
+
+def training_loss(
+    config: ml_collections.ConfigDict,
+    out: dict[str, jax.Array],
+    teacher_out: dict[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss the step minimises, and its terms for the log: the contrastive loss,
+    plus `train.distill_weight` times the distillation term when a teacher's outputs
+    are given (`train.distill_from`, jaxclip/train/distill.py)."""
+    loss = contrastive_loss(config, out)
+    if teacher_out is None:
+        return loss, {}
+    distill = losses.distill_loss(
+        out["image_emb"],
+        out["text_emb"],
+        out["logit_scale"],
+        teacher_out["image_emb"],
+        teacher_out["text_emb"],
+        teacher_out["logit_scale"],
+        impl=config.loss.impl,
+        chunk_size=config.loss.chunk_size,
+    )
+    total = loss + config.train.distill_weight * distill
+    return total, {"contrastive_loss": loss, "distill_loss": distill}
 
 
 # Patch dropout's masks come from the seed and the step (no RNG in the train state, so
@@ -94,12 +120,15 @@ def full_batch_grads(
     tokens: jax.Array,
     patch_key: jax.Array | None = None,
     freeze: Freeze = NOTHING_LOCKED,
+    teacher_out: dict[str, jax.Array] | None = None,
 ):
-    """Loss, gradients, model outputs and new batch stats in one pass.
+    """Loss, gradients, model outputs (with the loss terms) and new batch stats in
+    one pass.
 
     The gradients are those of `freeze.view(params)`, the trainable parameters (all
     of them unless `train.freeze` locks some). `patch_key` (`patch_dropout_key`)
-    draws the patch dropout masks, one per row."""
+    draws the patch dropout masks, one per row; `teacher_out`, a teacher's outputs
+    on the batch, adds the distillation term."""
     rows = jnp.arange(images.shape[0], dtype=jnp.int32)
     patch_keys = image_keys(patch_key, rows)
     params = variables["params"]
@@ -115,7 +144,8 @@ def full_batch_grads(
             mutable=["batch_stats"],
         )
         out = stop_locked_towers(out, locked)
-        return contrastive_loss(config, out), (out, mutated)
+        loss, terms = training_loss(config, out, teacher_out)
+        return loss, ({**out, **terms}, mutated)
 
     (loss, (out, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         freeze.view(params)
@@ -163,6 +193,7 @@ def gradcache_grads(
     prepare_images: Callable[[jax.Array], jax.Array] = lambda images: images,
     patch_key: jax.Array | None = None,
     freeze: Freeze = NOTHING_LOCKED,
+    teacher_out: dict[str, jax.Array] | None = None,
 ):
     """Exact gradient accumulation over micro-batches (GradCache).
 
@@ -186,6 +217,8 @@ def gradcache_grads(
 
     Peak activation memory is one micro-batch's; the cost is one extra forward pass.
     The gradients are those of `freeze.view(params)` (locked parameters get none).
+    `teacher_out` (a teacher's embeddings `[B, d]` in `_merge_micro`'s order and
+    its log scale) adds the distillation term to step 2's full-batch loss.
     The temperature's gradient comes from step 2 only, so it is counted once. With
     BatchNorm (ResNets) each micro-batch normalises with its own statistics, as in
     any accumulation scheme, and the running statistics are updated k times.
@@ -230,8 +263,10 @@ def gradcache_grads(
 
     # 2. The full-batch loss and its gradient w.r.t. embeddings and temperature.
     temperature = {k: params[k] for k in TEMPERATURE_PARAMS if k in params}
-    loss, image_emb, text_emb, cotangents, d_temperature = _full_batch_loss_grads(
-        config, embeddings, temperature, accum_steps
+    loss, terms, image_emb, text_emb, cotangents, d_temperature = (
+        _full_batch_loss_grads(
+            config, embeddings, temperature, accum_steps, teacher_out
+        )
     )
 
     # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
@@ -247,7 +282,7 @@ def gradcache_grads(
     grads, _ = _loop(backward_step, zeros, (micro_batches, cotangents), unrolled)
     # The towers never touch the temperature; a locked one gets no gradient.
     grads = {**grads, **{k: v for k, v in d_temperature.items() if k in view}}
-    out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
+    out = {"image_emb": image_emb, "text_emb": text_emb, **temperature, **terms}
     return loss, grads, out, batch_stats
 
 
@@ -256,21 +291,22 @@ def _full_batch_loss_grads(
     micro_embeddings: tuple[jax.Array, jax.Array],
     temperature: dict[str, jax.Array],
     accum_steps: int,
+    teacher_out: dict[str, jax.Array] | None = None,
 ):
     """GradCache's step 2: the loss over all micro-batches' embeddings `[k, B/k, d]`
-    and its gradients. Returns (loss, image and text embeddings `[B, d]`, their
-    gradients as micro-batches, the temperature's gradient)."""
+    and its gradients. Returns (loss, its terms, image and text embeddings `[B, d]`,
+    their gradients as micro-batches, the temperature's gradient)."""
 
     def full_loss(image_emb, text_emb, temperature):
         out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
-        return contrastive_loss(config, out)
+        return training_loss(config, out, teacher_out)
 
     image_emb, text_emb = (_merge_micro(e) for e in micro_embeddings)
-    loss, (d_image, d_text, d_temperature) = jax.value_and_grad(
-        full_loss, argnums=(0, 1, 2)
+    (loss, terms), (d_image, d_text, d_temperature) = jax.value_and_grad(
+        full_loss, argnums=(0, 1, 2), has_aux=True
     )(image_emb, text_emb, temperature)
     cotangents = (_split_micro(d_image, accum_steps), _split_micro(d_text, accum_steps))
-    return loss, image_emb, text_emb, cotangents, d_temperature
+    return loss, terms, image_emb, text_emb, cotangents, d_temperature
 
 
 def _loop(step: Callable, carry: Any, xs: Any, unrolled: bool):
@@ -327,13 +363,16 @@ def make_train_step(
     schedule: optax.Schedule,
     mesh: Mesh,
     state_shardings: Any,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings.
+    teacher: Teacher | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings;
+    with a `teacher` (`distill.load_teacher`), `train_step(state, batch,
+    teacher.variables)`.
 
-    The state is donated: its buffers are reused for the new state. Trace, lower or
-    call it inside `sharding.use_mesh(mesh)` (the model's activation constraints need
-    the mesh and the logical rules); `jaxclip.train.loop.compile_train_step` compiles
-    it once, before the loop.
+    The state is donated: its buffers are reused for the new state; the teacher's
+    variables are not. Trace, lower or call it inside `sharding.use_mesh(mesh)` (the
+    model's activation constraints need the mesh and the logical rules);
+    `jaxclip.train.loop.compile_train_step` compiles it once, before the loop.
     """
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     freeze = Freeze.of(config)
@@ -341,15 +380,25 @@ def make_train_step(
     def prepare_images(images: jax.Array) -> jax.Array:
         return normalize_images(images, mean, std, model.dtype)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, teacher_variables=None):
         variables = {"params": state.params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
         patch_key = patch_dropout_key(config, state.step)
+        teacher_out = None
+        if teacher is not None:
+            teacher_out = teacher_outputs(teacher, teacher_variables, batch, model.scan)
         if config.train.accum_steps == 1:
             images = prepare_images(batch["images"])
             grads_and_out = full_batch_grads(
-                config, model, variables, images, batch["tokens"], patch_key, freeze
+                config,
+                model,
+                variables,
+                images,
+                batch["tokens"],
+                patch_key,
+                freeze,
+                teacher_out,
             )
         else:
             grads_and_out = gradcache_grads(
@@ -361,18 +410,44 @@ def make_train_step(
                 prepare_images,
                 patch_key,
                 freeze,
+                teacher_out,
             )
         return apply_gradients(config, tx, schedule, state, *grads_and_out, freeze)
 
     batch_shardings = {
         name: spec.sharding for name, spec in step_batch_spec(config, mesh).items()
     }
+    in_shardings = (state_shardings, batch_shardings)
+    if teacher is not None:
+        teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher.variables)
+        in_shardings += (teacher_shardings,)
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def teacher_outputs(
+    teacher: Teacher, variables: dict[str, Any], batch: Batch, scan: bool
+) -> dict[str, jax.Array]:
+    """The teacher's embeddings of the step's batch, `[B, d]` (micro-batches one at a
+    time with accumulation, merged in `_merge_micro`'s order), and its log scale."""
+    images, tokens = batch["images"], batch["tokens"]
+    if images.ndim == 4:  # the whole batch
+        return teacher.embed(variables, images, tokens)
+
+    def embed_step(carry, micro_batch):
+        out = teacher.embed(variables, *micro_batch)
+        return carry, (out["image_emb"], out["text_emb"])
+
+    _, (image_emb, text_emb) = _loop(embed_step, None, (images, tokens), not scan)
+    return {
+        "image_emb": _merge_micro(image_emb),
+        "text_emb": _merge_micro(text_emb),
+        "logit_scale": jax.lax.stop_gradient(variables["params"]["logit_scale"]),
+    }
 
 
 def apply_gradients(
@@ -420,6 +495,7 @@ def apply_gradients(
     )
     metrics = {
         "loss": loss,
+        **{k: out[k] for k in ("contrastive_loss", "distill_loss") if k in out},
         "i2t_acc": i2t,
         "t2i_acc": t2i,
         "logit_scale": jnp.exp(out["logit_scale"]),
