@@ -109,7 +109,7 @@ class MetricWriter:
 def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
     """One human-readable progress line."""
     parts = [f"step {step}/{total_steps}"]
-    for name in ("loss", "i2t_acc", "t2i_acc", "logit_scale", "lr"):
+    for name in ("loss", "distill_loss", "i2t_acc", "t2i_acc", "logit_scale", "lr"):
         if name in scalars:
             parts.append(f"{name} {scalars[name]:.4g}")
     if "samples_per_sec" in scalars:
