@@ -116,12 +116,17 @@ def jaxclip_runner(
     args: argparse.Namespace,
     compile_only: bool = False,
     patch_dropout: float = 0.0,
+    freeze: tuple[str, ...] = (),
+    unlock_last: int = 0,
 ) -> dict[str, Any]:
     """A `step(batch)` that runs one jaxclip training step and waits for it
-    (`patch_dropout`: `model.patch_dropout`, bench/patch_dropout.py)."""
+    (`patch_dropout`: `model.patch_dropout`, bench/patch_dropout.py; `freeze`,
+    `unlock_last`: `train.freeze`, `train.unlock_last`, bench/freeze.py)."""
     config = base_config()
     config.model.dtype = args.dtype
     config.model.patch_dropout = patch_dropout
+    config.train.freeze = freeze
+    config.train.unlock_last = unlock_last
     config.train.batch_size = workload.batch_size
     config.loss.impl = args.loss_impl
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -145,7 +150,7 @@ def jaxclip_runner(
     with sharding.use_mesh(mesh):
         compiled, compile_seconds = compile_train_step(train_step, state, first)
     if compile_only:
-        return {"compiled": compiled, "compile_s": compile_seconds}
+        return {"compiled": compiled, "compile_s": compile_seconds, "state": state}
     analytic = mfu.analytic_flops(workload.model, workload.batch_size, patch_dropout)
     flops, flops_source = mfu.step_flops(compiled, analytic)
     holder = {"state": state}
