@@ -386,3 +386,8 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
     monkeypatch.setattr(DataIterator, "__next__", original_next)
     train_and_evaluate(config, str(resumed))
     jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
+
+
+def test_the_lit_recipe_needs_weights():
+    with pytest.raises(ValueError, match="configs/lit.py:/path/to/weights"):
+        recipe("lit")
