@@ -39,6 +39,7 @@ def _ring_loss_temp(topology: str, local: int, dim: int, chunk: int) -> tuple[in
     return size, compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_ring_loss_memory_is_flat_in_the_ring_size():
     """The ring is a loop on TPU: per-chip temporaries are the same at R=8 and R=16,
     and stay within the ring's working set: six `[b, d]` float32 buffers (the text

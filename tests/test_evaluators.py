@@ -195,6 +195,7 @@ DEMO_OVERRIDES = {
 }
 
 
+@pytest.mark.slow
 def test_in_training_evaluators_fire_at_their_period_and_keep_the_best(tmp_path):
     config = recipe("demo", overrides=DEMO_OVERRIDES)
     config.evals.at_end = evaluators.spec(
