@@ -42,9 +42,7 @@ class MetricWriter:
         self._num_devices = 1
         self._pending: dict[str, Any] = {}
         if self.enabled:
-            from tensorboardX import SummaryWriter  # imported late: only process 0
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
             # Held open for the writer's lifetime; closed in close().
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -104,6 +102,21 @@ class MetricWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _summary_writer(directory: str) -> Any:
+    """tensorboardX's SummaryWriter, imported late (only process 0 writes) and
+    without PyTorch: tensorboardX imports torch, when installed, only to accept its
+    tensors (5 s of start-up, measured); the writer gets Python floats."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter(directory)
 
 
 def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
