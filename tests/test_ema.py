@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from config_util import tiny_config
+from train_util import run_then_crash
 
 import jaxclip
 from jaxclip import sharding
@@ -23,7 +24,6 @@ from jaxclip.config import ConfigError, validate_config
 from jaxclip.convert import load_weights
 from jaxclip.convert.__main__ import main as convert_main
 from jaxclip.convert.checkpoint import run_config
-from jaxclip.data.pipeline import DataIterator
 from jaxclip.evaluate import evaluators
 from jaxclip.evaluate.standalone import evaluate_checkpoint
 from jaxclip.models.build import model_from_config
@@ -311,25 +311,13 @@ def test_the_trainers_ema_equals_a_float64_recomputation(ema_run):
     _assert_close(states[-1].ema_params, want)
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.slow  # two more runs of the module's config
 def test_a_resumed_run_ends_bit_identical(ema_run, tmp_path, monkeypatch):
     workdir, _, _ = ema_run
     config = ema_config(evals=False)
-    original_next = DataIterator.__next__
-
-    def crashing_next(self):
-        if self.batches == STEPS // 2:  # fetching the batch after the checkpoint's
-            raise _Crash()
-        return original_next(self)
-
-    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
-    with pytest.raises(_Crash):
-        train_and_evaluate(config, str(tmp_path))
-    monkeypatch.setattr(DataIterator, "__next__", original_next)
+    run_then_crash(
+        lambda: train_and_evaluate(config, str(tmp_path)), monkeypatch, STEPS // 2
+    )
     checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpointer.latest_step() == STEPS // 2
     checkpointer.close()

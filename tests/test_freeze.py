@@ -13,12 +13,12 @@ import numpy as np
 import optax
 import pytest
 from config_util import recipe, tiny_config
-from train_util import ADAM_ATOL, run_steps
+from train_util import ADAM_ATOL, run_steps, run_then_crash
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.convert import load_weights
-from jaxclip.data.pipeline import DataIterator, shapes_iterator
+from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.build import abstract_variables, model_from_config
 from jaxclip.models.clip import MAX_LOGIT_SCALE
@@ -339,10 +339,6 @@ def _final_state(config, workdir) -> object:
     return jax.device_get(state)
 
 
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.slow  # four short training runs
 def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
     tmp_path, monkeypatch
@@ -373,17 +369,9 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
 
     # Stopped after step 2's checkpoint, then run again: the same final state.
     resumed = tmp_path / "resumed"
-    original_next = DataIterator.__next__
-
-    def crashing_next(self):
-        if self.batches == LIT_STEPS // 2:
-            raise _Crash()
-        return original_next(self)
-
-    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
-    with pytest.raises(_Crash):
-        train_and_evaluate(config, str(resumed))
-    monkeypatch.setattr(DataIterator, "__next__", original_next)
+    run_then_crash(
+        lambda: train_and_evaluate(config, str(resumed)), monkeypatch, LIT_STEPS // 2
+    )
     train_and_evaluate(config, str(resumed))
     jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
 

@@ -27,6 +27,34 @@ ADAM_ATOL = 5e-6
 _RUNS: dict[tuple, tuple[list, list]] = {}
 
 
+class Crash(Exception):
+    """Raised by `run_then_crash`'s input pipeline."""
+
+
+def run_then_crash(train, monkeypatch, batches: int) -> None:
+    """Call `train()` with the trainer's input pipeline raising `Crash` when it is
+    asked for batch `batches` + 1 (so after the checkpoint of step `batches`, when
+    the run saves every step), as a killed run stops; the pipeline is restored."""
+    from jaxclip.data.pipeline import DataIterator
+
+    original_next = DataIterator.__next__
+
+    def crashing_next(self):
+        if self.batches == batches:
+            raise Crash()
+        return original_next(self)
+
+    monkeypatch.setattr(DataIterator, "__next__", crashing_next)
+    try:
+        train()
+    except Crash:
+        pass
+    else:
+        raise AssertionError(f"the run did not ask for batch {batches + 1}")
+    finally:
+        monkeypatch.setattr(DataIterator, "__next__", original_next)
+
+
 def _train(config, mesh, num_steps: int) -> tuple[list, list]:
     """(state after each step, metrics of each step), on the host."""
     model = model_from_config(config)

@@ -126,15 +126,7 @@ class Freeze:
     def _unlock(self, plan: dict[str, str | int], leaves: dict[str, Any]) -> None:
         """Unlock the last `unlock_last` blocks and the head of each wholly locked
         tower, in place."""
-        locked = [
-            tower
-            for tower in TOWERS
-            if all(
-                state == LOCKED
-                for name, state in plan.items()
-                if name.startswith(tower + "/")
-            )
-        ]
+        locked = _wholly_locked(plan)
         if not locked:
             raise ConfigError(
                 f"train.unlock_last={self.unlock_last} unlocks the last blocks of a "
@@ -166,16 +158,7 @@ class Freeze:
         """The towers none of whose parameters train."""
         if self.off:
             return ()
-        plan = self.plan(tree)
-        return tuple(
-            tower
-            for tower in TOWERS
-            if all(
-                state == LOCKED
-                for name, state in plan.items()
-                if name.startswith(tower + "/")
-            )
-        )
+        return _wholly_locked(self.plan(tree))
 
     def view(self, tree: Any) -> Any:
         """The trainable part of a params-shaped tree (boxed or not): locked leaves
@@ -242,6 +225,19 @@ class Freeze:
             f"train.freeze: {trained:,} of {total:,} parameters train "
             f"({total - trained:,} locked; towers locked whole: {whole})"
         )
+
+
+def _wholly_locked(plan: dict[str, str | int]) -> tuple[str, ...]:
+    """The towers every parameter of which the plan locks."""
+    return tuple(
+        tower
+        for tower in TOWERS
+        if all(
+            state == LOCKED
+            for name, state in plan.items()
+            if name.startswith(tower + "/")
+        )
+    )
 
 
 def _prune(tree: Any) -> Any:
