@@ -104,6 +104,10 @@ def test_weight_decay_mask():
     assert "['visual']['proj']" in decayed
     assert "['text']['text_projection']" in decayed
     assert "['text']['transformer']['resblocks']['mlp']['c_fc']['kernel']" in decayed
+    # The attention's matrices too (they escaped the decay before).
+    attn = "['visual']['transformer']['resblocks']['attn']"
+    assert f"{attn}['in_proj_kernel']" in decayed
+    assert f"{attn}['out_proj_kernel']" in decayed
     for name in (
         "['logit_scale']",
         "['text']['token_embedding']['embedding']",
@@ -111,6 +115,7 @@ def test_weight_decay_mask():
         "['visual']['class_embedding']",
         "['visual']['ln_post']['scale']",
         "['text']['transformer']['resblocks']['mlp']['c_fc']['bias']",
+        "['visual']['transformer']['resblocks']['attn']['in_proj_bias']",
     ):
         assert name not in decayed
 

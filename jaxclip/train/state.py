@@ -21,8 +21,10 @@ from jaxclip.models.clip import CLIP, MAX_LOGIT_SCALE
 from jaxclip.train.ema import init_ema
 from jaxclip.train.freeze import Freeze, optimize_trainable, path_name
 
-# Only weight matrices decay: not gains, biases, embeddings or the temperature.
+# Only weight matrices decay: not gains, biases, embeddings or the temperature. The
+# attention's fused matrices are `in_proj_kernel` and `out_proj_kernel`.
 DECAYED_PARAM_NAMES = ("kernel", "proj", "text_projection")
+DECAYED_SUFFIX = "_kernel"
 
 
 @flax.struct.dataclass
@@ -46,7 +48,10 @@ def weight_decay_mask(params: Any) -> Any:
     """True for the parameters that get weight decay."""
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {path: path[-1] in DECAYED_PARAM_NAMES for path in flat}
+        {
+            path: path[-1] in DECAYED_PARAM_NAMES or path[-1].endswith(DECAYED_SUFFIX)
+            for path in flat
+        }
     )
 
 
