@@ -156,9 +156,10 @@ def config_from_openclip(
     for where, built_in in _BUILT_IN.items():
         cfg = dict(model_cfg.get(where, {}))
         for key, value in built_in.items():
-            if cfg.pop(key, value) != value:
+            found = cfg.pop(key, value)
+            if found != value:
                 raise ValueError(
-                    f"OpenCLIP CoCa option {where}.{key}={cfg[key]!r} is not supported; "
+                    f"OpenCLIP CoCa option {where}.{key}={found!r} is not supported; "
                     f"jaxclip's CoCa has {value!r}"
                 )
         towers[where] = cfg

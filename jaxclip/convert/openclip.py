@@ -477,8 +477,9 @@ def resolve_config(
             cfg for cfg in MODELS.values() if shapes_only(cfg) == shapes_only(inferred)
         ]
         if same_shapes:
+            known = same_shapes[0]
             config = dataclasses.replace(
-                inferred, vision=same_shapes[0].vision, text=same_shapes[0].text
+                inferred, vision=known.vision, text=known.text, decoder=known.decoder
             )
         else:
             warnings.warn(
