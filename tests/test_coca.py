@@ -18,7 +18,7 @@ from convert_util import random_variables
 from jaxclip.convert import load_weights, openclip, save_openclip
 from jaxclip.convert.files import Weights
 from jaxclip.convert.tensors import write_safetensors
-from jaxclip.models.build import create_model, parameter_counts
+from jaxclip.models.build import create_model, make_encoders, parameter_counts
 from jaxclip.models.coca import CoCa
 from jaxclip.models.registry import get_model_config
 
@@ -213,6 +213,20 @@ def test_scan_and_unrolled_agree_and_methods_compose():
         variables, image_tokens, text_tokens[:, :-1], method=scanned.decode
     )
     np.testing.assert_allclose(logits, out["logits"], atol=1e-6)
+
+
+def test_encoders_give_the_embeddings():
+    """`make_encoders` (inference, zero-shot evaluation) on CoCa: the embeddings."""
+    config, variables = tiny_variables()
+    images, tokens = tiny_inputs(config)
+    model = create_model(config, sharded=False)
+    encoders = make_encoders(model, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    out = model.apply(variables, jnp.asarray(images, jnp.float32), tokens)
+    image_emb = encoders.images(variables, images, pixels="normalized")
+    np.testing.assert_allclose(image_emb, out["image_emb"], atol=1e-6)
+    np.testing.assert_allclose(
+        encoders.texts(variables, tokens), out["text_emb"], atol=1e-6
+    )
 
 
 def test_text_prefixes_are_causal():

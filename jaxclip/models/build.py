@@ -188,7 +188,15 @@ class Encoders(NamedTuple):
     texts: Callable[..., jax.Array]
 
 
-def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> Encoders:
+def embedding_of(encoded: jax.Array | tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The embeddings out of an encoder's result: CoCa's encoders also return the
+    tokens its decoder reads, `(embeddings, tokens)`."""
+    return encoded[0] if isinstance(encoded, tuple) else encoded
+
+
+def make_encoders(
+    model: CLIP | CoCa, mean: Sequence[float], std: Sequence[float]
+) -> Encoders:
     """The model's two encoders, jitted (see `Encoders`)."""
     mean, std = tuple(mean), tuple(std)
 
@@ -202,13 +210,13 @@ def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> E
         embeddings = model.apply(
             variables, images, normalize=normalize, method=model.encode_image
         )
-        return embeddings.astype(jnp.float32)
+        return embedding_of(embeddings).astype(jnp.float32)
 
     @functools.partial(jax.jit, static_argnames="normalize")
     def encode_texts(variables, tokens, normalize=True):
         embeddings = model.apply(
             variables, tokens, normalize=normalize, method=model.encode_text
         )
-        return embeddings.astype(jnp.float32)
+        return embedding_of(embeddings).astype(jnp.float32)
 
     return Encoders(encode_images, encode_texts)
