@@ -9,16 +9,23 @@ import json
 import math
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from convert_util import random_variables
 
+from jaxclip import sharding
 from jaxclip.convert import load_weights, openclip, save_openclip
 from jaxclip.convert.files import Weights
 from jaxclip.convert.tensors import write_safetensors
-from jaxclip.models.build import create_model, make_encoders, parameter_counts
+from jaxclip.models.build import (
+    create_model,
+    make_encoders,
+    parameter_counts,
+    strip_axis_metadata,
+)
 from jaxclip.models.coca import CoCa
 from jaxclip.models.registry import get_model_config
 
@@ -227,6 +234,39 @@ def test_encoders_give_the_embeddings():
     np.testing.assert_allclose(
         encoders.texts(variables, tokens), out["text_emb"], atol=1e-6
     )
+
+
+def test_sharded_forward_matches_one_device():
+    """Every parameter carries logical axes: created directly sharded on a
+    (data, fsdp, tensor) = (2, 2, 2) mesh, the forward gives one device's numbers."""
+    config, variables = tiny_variables()
+    images, tokens = tiny_inputs(config, rows=4)
+    images = jnp.asarray(images, jnp.float32)
+    expected = create_model(config, sharded=False).apply(variables, images, tokens)
+    model = create_model(config)  # unrolled on the 8 CPU devices
+    mesh = sharding.make_mesh((2, 2, 2))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+    leaves = jax.tree.leaves(boxed, is_leaf=is_partitioned)
+    unnamed = [x for x in leaves if not is_partitioned(x) and x.shape != ()]
+    assert not unnamed  # only the logit scale has no axes
+    shardings = strip_axis_metadata(sharding.logical_to_shardings(boxed, mesh))
+    params = jax.device_put(variables, shardings)
+    decoder = params["params"]["text_decoder"]
+    P = jax.sharding.PartitionSpec  # noqa: N806
+    assert decoder["text_projection"].sharding.spec == P("fsdp", "tensor")
+    cross = decoder["layers"]["cross_attn"]["attn"]["in_proj_kernel"]
+    assert cross.sharding.spec == P(None, "fsdp", None, "tensor", None)  # layers first
+    with sharding.use_mesh(mesh):
+        batch = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 2)
+        out = jax.jit(model.apply)(
+            params, jax.device_put(images, batch[0]), jax.device_put(tokens, batch[1])
+        )
+    for key in ("image_emb", "text_emb", "logits"):
+        np.testing.assert_allclose(out[key], expected[key], atol=1e-5, rtol=0)
+
+
+def is_partitioned(leaf) -> bool:
+    return isinstance(leaf, nn.Partitioned)
 
 
 def test_text_prefixes_are_causal():

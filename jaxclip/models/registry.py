@@ -303,7 +303,7 @@ def _coca_family() -> dict[str, ModelConfig]:
         # separate q/k/v projections.
         "tiny-coca": ModelConfig(
             32,
-            VisionConfig(32, 2, 64, patch_size=8),
+            VisionConfig(32, 2, 64, patch_size=8, head_width=32),
             TextConfig(context_length=12, vocab_size=100, width=32, heads=2, layers=2),
             decoder=DecoderConfig(
                 width=32, heads=2, layers=2, n_queries=6, attn_pooler_heads=2
