@@ -135,7 +135,7 @@ def _torch_name(
         if name == LAYER_STACK:
             continue  # the layer index follows the block's own name, as in torch
         names.append(name)
-        if name == "resblocks" or LAYER_STACK in parents and name == "cross_attn":
+        if name == "resblocks" or (LAYER_STACK in parents and name == "cross_attn"):
             names.append("{i}")
     return ".".join([*names, leaf]), kind
 

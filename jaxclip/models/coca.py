@@ -393,7 +393,8 @@ class CoCa(nn.Module):
     ) -> dict[str, jax.Array]:
         """Unit-norm embeddings (float32), the log scale (and bias), and the caption
         logits [batch, L - 1, vocab] of OpenCLIP's teacher forcing: the text tokens of
-        `tokens[:, :-1]` predict the labels `tokens[:, 1:]`."""
+        `tokens[:, :-1]` predict the labels `tokens[:, 1:]`. The logits stay in the
+        compute dtype (`[B, L, 49408]` is large); a loss upcasts them."""
         image_emb, image_tokens = self.encode_image(images, train=train)
         text_emb, text_tokens = self.encode_text(tokens)
         out = {
