@@ -11,7 +11,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from convert_util import random_variables
@@ -162,21 +161,26 @@ def numpy_coca(sd, config, images, tokens):
     return unit(image_emb), unit(text_emb), logits
 
 
-def tiny_inputs(config, rows: int = 3):
+ROWS = 4  # divides the (data, fsdp) = (2, 2) batch axes of the sharded test
+
+
+def tiny_inputs(config):
+    """ROWS images, and token rows with 2, 6, 4 and L - 2 tokens between the start
+    and the end of text (the others padding)."""
     rng = np.random.default_rng(1)
     size = config.vision.image_size
-    images = rng.standard_normal((rows, size, size, 3))
+    images = rng.standard_normal((ROWS, size, size, 3)).astype(np.float32)
     length = config.text.context_length
-    tokens = np.zeros((rows, length), np.int32)
-    for row, n in enumerate([2, 6, length - 2][:rows]):
+    tokens = np.zeros((ROWS, length), np.int32)
+    for row, n in enumerate([2, 6, 4, length - 2]):
         tokens[row, : n + 1] = rng.integers(1, config.text.vocab_size - 1, n + 1)
         tokens[row, n + 1] = config.text.vocab_size - 1  # end of text
     return images, tokens
 
 
 @functools.cache
-def tiny_variables(name: str = "tiny-coca", fused: bool = False):
-    config = get_model_config(name)
+def tiny_variables(fused: bool = False):
+    config = get_model_config("tiny-coca")
     if fused:  # pooler queries as wide as the image tokens: torch fuses its q/k/v
         config = dataclasses.replace(
             config,
@@ -185,41 +189,57 @@ def tiny_variables(name: str = "tiny-coca", fused: bool = False):
     return config, random_variables(config, seed=0)
 
 
+@functools.cache
+def tiny_forward(fused: bool = False) -> dict[str, np.ndarray]:
+    """The scanned model's forward on `tiny_inputs`, one device (compiled once)."""
+    config, variables = tiny_variables(fused)
+    model = create_model(config, scan=True, sharded=False)
+    out = jax.jit(model.apply)(variables, *tiny_inputs(config))
+    return {key: np.asarray(value) for key, value in out.items()}
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_forward_matches_numpy_float64(fused):
-    config, variables = tiny_variables(fused=fused)
-    images, tokens = tiny_inputs(config)
-    model = create_model(config, sharded=False)
-    out = jax.jit(model.apply)(variables, jnp.asarray(images, jnp.float32), tokens)
+    config, variables = tiny_variables(fused)
+    out = tiny_forward(fused)
     image_emb, text_emb, logits = numpy_coca(
-        openclip.to_openclip(variables, config), config, images, tokens
+        openclip.to_openclip(variables, config), config, *tiny_inputs(config)
     )
-    assert out["image_emb"].dtype == out["text_emb"].dtype == jnp.float32
-    assert out["logits"].shape == (3, config.text.context_length - 1, 100)
+    assert out["image_emb"].dtype == out["text_emb"].dtype == np.float32
+    assert out["logits"].shape == (ROWS, config.text.context_length - 1, 100)
     np.testing.assert_allclose(out["image_emb"], image_emb, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out["text_emb"], text_emb, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out["logits"], logits, atol=1e-5, rtol=0)
     assert np.abs(logits).max() > 0.1  # not trivially small
 
 
-def test_scan_and_unrolled_agree_and_methods_compose():
+def test_methods_compose_unrolled():
+    """decode(encode_image's tokens, encode_text's tokens[:, :-1]), unrolled, is the
+    scanned forward's logits; and a shorter token row (captioning's prefix) gives the
+    same logits for its positions: nothing looks ahead."""
     config, variables = tiny_variables()
     images, tokens = tiny_inputs(config)
-    images = jnp.asarray(images, jnp.float32)
-    scanned = create_model(config, scan=True, sharded=False)
-    unrolled = create_model(config, scan=False, sharded=False)
-    out = scanned.apply(variables, images, tokens)
-    np.testing.assert_allclose(
-        unrolled.apply(variables, images, tokens)["logits"], out["logits"], atol=1e-6
-    )
-    # decode(encode_image tokens, encode_text tokens[:, :-1]) is the forward's logits.
-    _, image_tokens = scanned.apply(variables, images, method=scanned.encode_image)
-    _, text_tokens = scanned.apply(variables, tokens, method=scanned.encode_text)
-    assert image_tokens.shape == (3, config.decoder.n_queries - 1, config.embed_dim)
-    logits = scanned.apply(
-        variables, image_tokens, text_tokens[:, :-1], method=scanned.decode
-    )
-    np.testing.assert_allclose(logits, out["logits"], atol=1e-6)
+    model = create_model(config, scan=False, sharded=False)
+
+    @jax.jit
+    def logits(variables, images, tokens):
+        _, image_tokens = model.apply(variables, images, method=model.encode_image)
+        _, text_tokens = model.apply(variables, tokens, method=model.encode_text)
+        assert image_tokens.shape == (ROWS, config.decoder.n_queries - 1, 32)
+        full = model.apply(
+            variables, image_tokens, text_tokens[:, :-1], method=model.decode
+        )
+        _, prefix_tokens = model.apply(
+            variables, tokens[:, :5], method=model.encode_text
+        )
+        prefix = model.apply(
+            variables, image_tokens, prefix_tokens, method=model.decode
+        )
+        return full, prefix
+
+    full, prefix = logits(variables, images, tokens)
+    np.testing.assert_allclose(full, tiny_forward()["logits"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(prefix, full[:, :5], atol=1e-6, rtol=0)
 
 
 def test_encoders_give_the_embeddings():
@@ -228,7 +248,7 @@ def test_encoders_give_the_embeddings():
     images, tokens = tiny_inputs(config)
     model = create_model(config, sharded=False)
     encoders = make_encoders(model, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    out = model.apply(variables, jnp.asarray(images, jnp.float32), tokens)
+    out = tiny_forward()
     image_emb = encoders.images(variables, images, pixels="normalized")
     np.testing.assert_allclose(image_emb, out["image_emb"], atol=1e-6)
     np.testing.assert_allclose(
@@ -236,13 +256,15 @@ def test_encoders_give_the_embeddings():
     )
 
 
+def is_partitioned(leaf) -> bool:
+    return isinstance(leaf, nn.Partitioned)
+
+
 def test_sharded_forward_matches_one_device():
-    """Every parameter carries logical axes: created directly sharded on a
-    (data, fsdp, tensor) = (2, 2, 2) mesh, the forward gives one device's numbers."""
+    """Every parameter carries logical axes: placed by them on a (data, fsdp, tensor)
+    = (2, 2, 2) mesh, the forward gives one device's numbers."""
     config, variables = tiny_variables()
-    images, tokens = tiny_inputs(config, rows=4)
-    images = jnp.asarray(images, jnp.float32)
-    expected = create_model(config, sharded=False).apply(variables, images, tokens)
+    images, tokens = tiny_inputs(config)
     model = create_model(config)  # unrolled on the 8 CPU devices
     mesh = sharding.make_mesh((2, 2, 2))
     boxed = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
@@ -257,36 +279,12 @@ def test_sharded_forward_matches_one_device():
     cross = decoder["layers"]["cross_attn"]["attn"]["in_proj_kernel"]
     assert cross.sharding.spec == P(None, "fsdp", None, "tensor", None)  # layers first
     with sharding.use_mesh(mesh):
-        batch = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 2)
-        out = jax.jit(model.apply)(
-            params, jax.device_put(images, batch[0]), jax.device_put(tokens, batch[1])
-        )
+        images = jax.device_put(images, sharding.batch_sharding(mesh, 4))
+        tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
+        out = jax.jit(model.apply)(params, images, tokens)
+    expected = tiny_forward()
     for key in ("image_emb", "text_emb", "logits"):
         np.testing.assert_allclose(out[key], expected[key], atol=1e-5, rtol=0)
-
-
-def is_partitioned(leaf) -> bool:
-    return isinstance(leaf, nn.Partitioned)
-
-
-def test_text_prefixes_are_causal():
-    """A shorter token row (captioning's prefix) gives the same decoder logits for its
-    positions: nothing looks ahead, in the text tower or the decoder."""
-    config, variables = tiny_variables()
-    images, tokens = tiny_inputs(config, rows=1)
-    tokens[0] = np.arange(1, config.text.context_length + 1)  # no padding
-    model = create_model(config, sharded=False)
-    _, image_tokens = model.apply(
-        variables, jnp.asarray(images, jnp.float32), method=model.encode_image
-    )
-
-    def logits(prefix):
-        _, text_tokens = model.apply(variables, prefix, method=model.encode_text)
-        return model.apply(variables, image_tokens, text_tokens, method=model.decode)
-
-    np.testing.assert_allclose(
-        logits(tokens[:, :5]), logits(tokens)[:, :5], atol=1e-6, rtol=0
-    )
 
 
 # ---------------------------------------------------------------------------
