@@ -209,7 +209,10 @@ def test_architecture_is_inferred_from_shapes(name):
     else:
         cfg = json.loads(json.dumps(openclip.openclip_model_cfg(config)))
         assert openclip.config_from_openclip(cfg) == config
-    if not vision.is_resnet:
+    if config.is_coca:  # transformers has no CoCa
+        with pytest.raises(ValueError, match="no CoCa"):
+            convert_hf.expected_hf_shapes(config)
+    elif not vision.is_resnet:
         hf_shapes = _shape_dict(convert_hf.expected_hf_shapes(config))
         assert openclip.shapes_only(convert_files.infer_hf_config(hf_shapes, name)) == (
             openclip.shapes_only(in_shapes)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxclip.convert import hf, openclip, siglip
+from jaxclip.convert import coca, hf, openclip, siglip
 from jaxclip.convert.checkpoint import find_step_dir, read_checkpoint
 from jaxclip.convert.tensors import read_tensors, write_safetensors
 from jaxclip.data.hf_tokenizer import has_tokenizer_files
@@ -219,7 +219,8 @@ def _from_openclip(
         described,
         lambda: openclip.infer_config(tensors, what),
         quick_gelu=True if openai else None,
-        siglip_weights=siglip.is_openclip_siglip(tensors),
+        gelu_weights=siglip.is_openclip_siglip(tensors)
+        or coca.is_openclip_coca(tensors),
     )
     logit_bias = "logit_bias" in tensors
     arch = registered or "the inferred architecture"
@@ -264,7 +265,7 @@ def _from_hf(
         described,
         lambda: infer_hf_config(tensors, what),
         quick_gelu=None,
-        siglip_weights=is_siglip,
+        gelu_weights=is_siglip,
     )
     arch = registered or "the architecture in config.json"
     variables = hf.from_hf(tensors, config, f"{what} does not match {arch}")
@@ -295,14 +296,14 @@ def _architecture(
     described: ModelConfig | None,
     infer: Callable[[], ModelConfig],
     quick_gelu: bool | None,
-    siglip_weights: bool,
+    gelu_weights: bool,
 ) -> tuple[ModelConfig, str | None]:
     """The architecture to load into and its registered name (or None), from `name`,
     else the config beside the weights (`described`), else the weights' shapes
     (`infer()`: the heads and activations then come from a registered architecture
     of those shapes; `quick_gelu` is known only for OpenAI's own state dicts, and
-    irrelevant to SigLIP's)."""
-    if siglip_weights:
+    irrelevant to `gelu_weights`, SigLIP's and CoCa's, which OpenAI never made)."""
+    if gelu_weights:
         quick_gelu = False
     if described is not None:
         inferred, quick_gelu, heads_known = described, described.quick_gelu, True

@@ -75,7 +75,15 @@ def _renaming(config: ModelConfig) -> Renaming:
         raise ValueError(
             "Hugging Face CLIPModel has no ResNet image tower; use the OpenCLIP format"
         )
+    _refuse_coca(config)
     return siglip.HF if siglip.is_siglip(config) else CLIP_HF
+
+
+def _refuse_coca(config: ModelConfig) -> None:
+    if config.is_coca:
+        raise ValueError(
+            "Hugging Face transformers has no CoCa model; use the OpenCLIP format"
+        )
 
 
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -180,6 +188,7 @@ def hf_config(config: ModelConfig, logit_scale: float) -> dict[str, Any]:
     """HF CLIPModel (or, for SigLIP, SiglipModel) config.json for an architecture."""
     if config.vision.is_resnet:
         raise ValueError("Hugging Face CLIPModel has no ResNet image tower")
+    _refuse_coca(config)
     if siglip.is_siglip(config):
         return siglip.hf_config(config)
     act = "quick_gelu" if config.quick_gelu else "gelu"

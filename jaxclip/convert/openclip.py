@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from jaxclip.convert import siglip
+from jaxclip.convert import coca, siglip
 from jaxclip.convert.tensors import as_float32
 from jaxclip.models.build import abstract_variables, create_model
 from jaxclip.models.registry import (
@@ -81,6 +81,7 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "in_proj_weight": lambda x: x.transpose(1, 2, 3, 0).reshape(-1, x.shape[0]),
     "in_proj_bias": lambda x: x.reshape(-1),
     "out_proj_weight": lambda x: x.reshape(-1, x.shape[-1]).T,
+    "head_proj_weight": lambda x: x.reshape(x.shape[0], -1).T,
 }
 _FROM_TORCH: dict[str, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
     "copy": lambda x, shape: x.reshape(shape),  # reshape: a [1] logit scale is fine
@@ -91,6 +92,7 @@ _FROM_TORCH: dict[str, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
     ),
     "in_proj_bias": lambda x, shape: x.reshape(shape),
     "out_proj_weight": lambda x, shape: x.T.reshape(shape),
+    "head_proj_weight": lambda x, shape: x.T.reshape(shape),
 }
 _TORCH_SHAPE: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
     "copy": lambda s: s,
@@ -99,11 +101,17 @@ _TORCH_SHAPE: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
     "in_proj_weight": lambda s: (math.prod(s[1:]), s[0]),
     "in_proj_bias": lambda s: (math.prod(s),),
     "out_proj_weight": lambda s: (s[2], s[0] * s[1]),
+    "head_proj_weight": lambda s: (math.prod(s[1:]), s[0]),
 }
 
 
-def _torch_name(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str, str]:
-    """(torch key, with "{i}" for the layer index; conversion kind) of a jaxclip leaf."""
+def _torch_name(
+    collection: str, path: tuple[str, ...], ndim: int, text_on_top: bool = True
+) -> tuple[str, str]:
+    """(torch key, with "{i}" for the layer index; conversion kind) of a jaxclip leaf.
+
+    `text_on_top`: the text tower's keys have no `text.` prefix (OpenCLIP's CLIP; its
+    CoCa keeps them under `text.`)."""
     *parents, leaf = path
     kind = "copy"
     if collection == "batch_stats":
@@ -114,18 +122,32 @@ def _torch_name(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str,
         leaf, kind = "weight", {2: "linear", 4: "conv"}[ndim]
     elif leaf in ("in_proj_kernel", "in_proj_bias"):
         leaf, kind = leaf.replace("kernel", "weight"), leaf.replace("kernel", "weight")
+    elif leaf in ("q_proj_kernel", "k_proj_kernel", "v_proj_kernel"):
+        leaf, kind = leaf.replace("kernel", "weight"), "head_proj_weight"
     elif leaf == "out_proj_kernel":
         leaf, kind = "out_proj.weight", "out_proj_weight"
     elif leaf == "out_proj_bias":
         leaf = "out_proj.bias"
-    if parents and parents[0] == "text":
+    if text_on_top and parents and parents[0] == "text":
         parents = parents[1:]  # OpenCLIP keeps the text tower at the top level
     names = []
     for name in parents:
+        if name == LAYER_STACK:
+            continue  # the layer index follows the block's own name, as in torch
         names.append(name)
-        if name == "resblocks":
+        if name == "resblocks" or (LAYER_STACK in parents and name == "cross_attn"):
             names.append("{i}")
     return ".".join([*names, leaf]), kind
+
+
+# The stacked layer module of CoCa's decoder: each layer holds a self-attention block
+# (`resblocks`) and a cross-attention block (`cross_attn`), two lists in torch.
+LAYER_STACK = "layers"
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """Whether a jaxclip leaf has the leading `layers` axis of a block stack."""
+    return "resblocks" in path or LAYER_STACK in path[:-1]
 
 
 @functools.lru_cache(maxsize=32)
@@ -135,9 +157,9 @@ def layout(config: ModelConfig, logit_bias: bool = False) -> tuple[Entry, ...]:
     model = create_model(config, use_logit_bias=logit_bias, sharded=False)
     for collection, tree in abstract_variables(model).items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
-            stacked = "resblocks" in path
+            stacked = is_stacked(path)
             shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
-            key, kind = _torch_name(collection, path, len(shape))
+            key, kind = _torch_name(collection, path, len(shape), not config.is_coca)
             layers = range(leaf.shape[0]) if stacked else [None]
             entries.extend(
                 Entry(key.format(i=i), collection, path, i, kind, shape) for i in layers
@@ -207,6 +229,8 @@ def expected_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Every key and shape of this architecture's OpenCLIP state dict."""
     shapes = canonical_shapes(config, logit_bias)
+    if config.is_coca:
+        return coca.file_shapes(shapes, config)
     return (
         siglip.OPENCLIP.expected_shapes(shapes) if siglip.is_siglip(config) else shapes
     )
@@ -226,12 +250,17 @@ def from_openclip(
     if siglip.is_siglip(config):
         shapes = canonical_shapes(config, logit_bias)
         tensors = siglip.OPENCLIP.restore(tensors, shapes, what, ignore=ignored_key)
+    elif config.is_coca:
+        shapes = canonical_shapes(config, logit_bias)
+        tensors = coca.from_file(tensors, shapes, config, what, ignore=ignored_key)
     return from_canonical(tensors, config, logit_bias, what)
 
 
 def to_openclip(variables: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
     """jaxclip variables -> OpenCLIP state dict (float32; BatchNorm counters are 0)."""
     canonical = to_canonical(variables, config)
+    if config.is_coca:
+        return coca.to_file(canonical, config)
     return siglip.OPENCLIP.rename(canonical) if siglip.is_siglip(config) else canonical
 
 
@@ -252,7 +281,7 @@ def from_canonical(
         stacks.setdefault((entry.collection, entry.path), []).append(value)
     flat: dict[str, dict] = {}
     for (collection, path), values in stacks.items():
-        is_stack = "resblocks" in path
+        is_stack = is_stacked(path)
         value = np.stack(values) if is_stack else values[0]
         flat.setdefault(collection, {})[path] = np.asarray(value, order="C")
     return {
@@ -318,6 +347,8 @@ def infer_config(
     """
     if siglip.is_openclip_siglip(tensors):
         return siglip.infer_config(tensors, siglip.OPENCLIP, what)
+    if coca.is_openclip_coca(tensors):
+        return coca.infer_config(tensors, what)
     if any(k.startswith(("visual.trunk.", "text.")) for k in tensors):
         raise ValueError(
             f"the {what} has a timm or Hugging Face tower (visual.trunk.* / text.*); "
@@ -364,11 +395,15 @@ def infer_config(
 
 def shapes_only(config: ModelConfig) -> ModelConfig:
     """The config with what the weights cannot tell (activation, heads) blanked."""
+    decoder = config.decoder
+    if decoder is not None:
+        decoder = dataclasses.replace(decoder, heads=0, attn_pooler_heads=0)
     return dataclasses.replace(
         config,
         quick_gelu=False,
         vision=dataclasses.replace(config.vision, head_width=0, act=None),
         text=dataclasses.replace(config.text, heads=0, act=None),
+        decoder=decoder,
     )
 
 
@@ -442,8 +477,9 @@ def resolve_config(
             cfg for cfg in MODELS.values() if shapes_only(cfg) == shapes_only(inferred)
         ]
         if same_shapes:
+            known = same_shapes[0]
             config = dataclasses.replace(
-                inferred, vision=same_shapes[0].vision, text=same_shapes[0].text
+                inferred, vision=known.vision, text=known.text, decoder=known.decoder
             )
         else:
             warnings.warn(
@@ -537,6 +573,8 @@ def config_from_openclip(model_cfg: Mapping[str, Any]) -> ModelConfig:
     text_cfg = dict(model_cfg.get("text_cfg", {}))
     if "siglip" in str(vision_cfg.get("timm_model_name")):
         return siglip.config_from_openclip(model_cfg)
+    if "multimodal_cfg" in model_cfg:
+        return coca.config_from_openclip(model_cfg, config_from_openclip)
     _check_options(
         model_cfg,
         "model_cfg",
@@ -613,7 +651,7 @@ def openclip_model_cfg(config: ModelConfig, logit_bias: bool = False) -> dict:
     if logit_bias:
         # Only makes OpenCLIP create the parameter; its value comes from the weights.
         model_cfg["init_logit_bias"] = -10.0
-    return model_cfg
+    return coca.openclip_model_cfg(config, model_cfg) if config.is_coca else model_cfg
 
 
 def openclip_text_cfg(text: TextConfig) -> dict[str, Any]:

@@ -23,10 +23,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(counts, indent=2))
         return
-    print(f"{'model':<28}{'visual':>16}{'text':>16}{'total':>16}")
+    print(f"{'model':<28}{'visual':>16}{'text':>16}{'decoder':>16}{'total':>16}")
     for name, count in counts.items():
+        # Only CoCa has a text decoder.
+        decoder = f"{count['text_decoder']:,}" if "text_decoder" in count else "-"
         print(
-            f"{name:<28}{count['visual']:>16,}{count['text']:>16,}{count['total']:>16,}"
+            f"{name:<28}{count['visual']:>16,}{count['text']:>16,}{decoder:>16}"
+            f"{count['total']:>16,}"
         )
 
 

@@ -28,6 +28,7 @@ import ml_collections
 
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.clip import CLIP
+from jaxclip.models.coca import CoCa
 from jaxclip.models.registry import ModelConfig, get_model_config
 
 
@@ -70,8 +71,9 @@ def create_model(
     platform: str | None = None,
     sharded: bool = True,
     patch_dropout: float = 0.0,
-) -> CLIP:
-    """The CLIP module for a registered name or a `ModelConfig`.
+) -> CLIP | CoCa:
+    """The CLIP module for a registered name or a `ModelConfig` (`CoCa` for a config
+    with a `decoder`).
 
     `use_logit_bias` adds SigLIP's learned logit bias; `patch_dropout` drops that
     fraction of a ViT's patch tokens in training (`CLIP`); `scan=None` picks per
@@ -80,6 +82,16 @@ def create_model(
     (inference) or only gives shapes (converters).
     """
     config = get_model_config(arch) if isinstance(arch, str) else arch
+    if config.is_coca:
+        if patch_dropout:
+            raise ValueError(f"patch_dropout={patch_dropout}: CoCa has none here")
+        return CoCa(
+            config,
+            use_logit_bias=use_logit_bias,
+            dtype=jnp.dtype(dtype),
+            scan=use_scan(scan, platform, sharded),
+            remat=remat,
+        )
     return CLIP(
         config,
         use_logit_bias=use_logit_bias,
@@ -148,13 +160,15 @@ def count_params(params: Any) -> int:
     return sum(math.prod(x.shape) for x in leaves)
 
 
-def parameter_counts(model: CLIP) -> dict[str, int]:
-    """{visual, text, total} parameter counts; `total` includes the logit scale (and
-    bias), as OpenCLIP counts it."""
+def parameter_counts(model: CLIP | CoCa) -> dict[str, int]:
+    """{visual, text, total} parameter counts, and `text_decoder` for CoCa; `total`
+    includes the logit scale (and bias), as OpenCLIP counts it."""
     params = abstract_variables(model)["params"]
+    towers = ("visual", "text", "text_decoder") if "text_decoder" in params else ()
     return {
         "visual": count_params(params["visual"]),
         "text": count_params(params["text"]),
+        **{tower: count_params(params[tower]) for tower in towers[2:]},
         "total": count_params(params),
     }
 
@@ -174,7 +188,15 @@ class Encoders(NamedTuple):
     texts: Callable[..., jax.Array]
 
 
-def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> Encoders:
+def embedding_of(encoded: jax.Array | tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The embeddings out of an encoder's result: CoCa's encoders also return the
+    tokens its decoder reads, `(embeddings, tokens)`."""
+    return encoded[0] if isinstance(encoded, tuple) else encoded
+
+
+def make_encoders(
+    model: CLIP | CoCa, mean: Sequence[float], std: Sequence[float]
+) -> Encoders:
     """The model's two encoders, jitted (see `Encoders`)."""
     mean, std = tuple(mean), tuple(std)
 
@@ -188,13 +210,13 @@ def make_encoders(model: CLIP, mean: Sequence[float], std: Sequence[float]) -> E
         embeddings = model.apply(
             variables, images, normalize=normalize, method=model.encode_image
         )
-        return embeddings.astype(jnp.float32)
+        return embedding_of(embeddings).astype(jnp.float32)
 
     @functools.partial(jax.jit, static_argnames="normalize")
     def encode_texts(variables, tokens, normalize=True):
         embeddings = model.apply(
             variables, tokens, normalize=normalize, method=model.encode_text
         )
-        return embeddings.astype(jnp.float32)
+        return embedding_of(embeddings).astype(jnp.float32)
 
     return Encoders(encode_images, encode_texts)

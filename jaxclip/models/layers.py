@@ -206,9 +206,17 @@ class MultiHeadAttention(nn.Module):
     proj_std: float | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, inputs_kv: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Self-attention over `x` [batch, length, width]; with `inputs_kv`, `x` holds
-        the queries and `inputs_kv` [batch, length_kv, width] the keys and values."""
+        the queries and `inputs_kv` [batch, length_kv, width] the keys and values.
+
+        `mask`: bool [batch, length, length_kv], True where a query may attend (on top
+        of the causal mask, if any); every query must keep at least one key."""
         width = x.shape[-1]
         head_dim = head_width(width, self.num_heads)
         attn_std = self.attn_std or width**-0.5
@@ -240,32 +248,43 @@ class MultiHeadAttention(nn.Module):
                 "bld,dthk->tblhk", inputs_kv.astype(self.dtype), kernel[:, 1:]
             )
             key_value = key_value + bias[1:, None, None]
-            out = dot_product_attention(query, key_value[0], key_value[1], self.causal)
+            out = dot_product_attention(
+                query, key_value[0], key_value[1], self.causal, mask
+            )
             out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
         elif jax.default_backend() == "cpu":
             # Heads-major [3, batch, heads, length, head_dim] straight out of the
             # projection: the attention matmuls then batch over (batch, heads)
             # without transposing q, k, v or the output.
             qkv = jnp.einsum("bld,dthk->tbhlk", x, kernel) + bias[:, None, :, None]
-            out = heads_major_attention(qkv[0], qkv[1], qkv[2], self.causal)
+            out = heads_major_attention(qkv[0], qkv[1], qkv[2], self.causal, mask)
             out = constrain(out, ("batch", "heads", "length", "kv"))  # [b, h, l, k]
             out = jnp.einsum("bhlk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
         else:
             qkv = jnp.einsum("bld,dthk->tblhk", x, kernel) + bias[:, None, None]
-            out = dot_product_attention(qkv[0], qkv[1], qkv[2], self.causal)
+            out = dot_product_attention(qkv[0], qkv[1], qkv[2], self.causal, mask)
             out = constrain(out, ("batch", "length", "heads", "kv"))  # [b, l, h, k]
             out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
         return out + out_proj_bias.astype(self.dtype)
 
 
 def dot_product_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, causal: bool
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    causal: bool,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention on [batch, length, heads, head_dim] through
     `jax.nn.dot_product_attention`; on GPUs in bf16/fp16, cuDNN's fused kernel.
+    `mask`: optional bool [batch, length_q, length_kv], True where a query may attend.
 
     Logits and the softmax run in float32 whatever the compute dtype.
     """
+    if mask is not None:
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=mask[:, None], is_causal=causal
+        )
     if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(
@@ -277,7 +296,11 @@ def dot_product_attention(
 
 
 def heads_major_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, causal: bool
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    causal: bool,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention on [batch, heads, length, head_dim], the CPU's layout.
 
@@ -293,6 +316,8 @@ def heads_major_attention(
     )
     if causal:
         logits = logits + causal_bias(query.shape[-2], key.shape[-2])
+    if mask is not None:  # [batch, length_q, length_kv], True where allowed
+        logits = jnp.where(mask[:, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     return jnp.einsum("bhqs,bhsk->bhqk", probs, value)
 
@@ -390,7 +415,10 @@ class Mlp(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    `mask` (bool [batch, length, length], True where a query may attend) restricts the
+    attention further than `causal` (CoCa's text tower masks padding this way)."""
 
     num_heads: int
     causal: bool = False
@@ -401,7 +429,9 @@ class ResidualAttentionBlock(nn.Module):
     norm_eps: float = LN_EPS
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None
+    ) -> tuple[jax.Array, None]:
         width = x.shape[-1]
         # OpenCLIP's text-tower init: residual projections shrink with depth.
         proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
@@ -409,12 +439,43 @@ class ResidualAttentionBlock(nn.Module):
         y = layer_norm(x, "ln_1", self.dtype, self.norm_eps)
         y = MultiHeadAttention(
             self.num_heads, self.causal, self.dtype, proj_std=proj_std, name="attn"
-        )(y)
+        )(y, mask=mask)
         x = x + y
         y = layer_norm(x, "ln_2", self.dtype, self.norm_eps)
         y = Mlp(self.mlp_ratio, self.act, self.dtype, proj_std=proj_std, name="mlp")(y)
         x = constrain(x + y, ("batch", "length", "embed"))
         return x, None  # (carry, per-layer output) as nn.scan expects
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-LN cross-attention block (OpenCLIP's `is_cross_attention=True`):
+    x + attn(ln_1(x), ln_1_kv(context)), then x + mlp(ln_2(x)).
+
+    `context` [batch, length_kv, width] holds the keys and values (CoCa: the image
+    tokens); it has the queries' width."""
+
+    num_heads: int
+    act: str = "gelu"
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    num_layers: int = 12  # only for the initialisation scale of residual projections
+    norm_eps: float = LN_EPS
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, None]:
+        width = x.shape[-1]
+        proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
+        x = constrain(x, ("batch", "length", "embed"))
+        query = layer_norm(x, "ln_1", self.dtype, self.norm_eps)
+        context = layer_norm(context, "ln_1_kv", self.dtype, self.norm_eps)
+        y = MultiHeadAttention(
+            self.num_heads, dtype=self.dtype, proj_std=proj_std, name="attn"
+        )(query, context)
+        x = x + y
+        y = layer_norm(x, "ln_2", self.dtype, self.norm_eps)
+        y = Mlp(self.mlp_ratio, self.act, self.dtype, proj_std=proj_std, name="mlp")(y)
+        x = constrain(x + y, ("batch", "length", "embed"))
+        return x, None
 
 
 # Named rematerialisation policies. The config's `model.remat` is checked against
@@ -482,19 +543,9 @@ class Transformer(StackOptions):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        block = ResidualAttentionBlock
-        policy = remat_policy(self.remat)
-        if self.remat != "none":
-            block = nn.remat(block, policy=policy, prevent_cse=False)
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=self.num_layers,
-            unroll=1 if self.scan else self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x [batch, length, width]; `mask` as in `ResidualAttentionBlock`."""
+        stack = scanned(ResidualAttentionBlock, self, self.num_layers)
         x, _ = stack(
             self.num_heads,
             self.causal,
@@ -504,5 +555,23 @@ class Transformer(StackOptions):
             self.num_layers,
             self.norm_eps,
             name="resblocks",
-        )(x, None)
+        )(x, mask)
         return x
+
+
+def scanned(block: type[nn.Module], options: StackOptions, num_layers: int) -> Any:
+    """`block` stacked `num_layers` times along a leading `layers` parameter axis, as
+    `options.scan` and `options.remat` ask. Its call is `(carry, broadcast) ->
+    (carry, None)`: the second argument (a mask, a context, None) is the same in every
+    layer."""
+    if options.remat != "none":
+        block = nn.remat(block, policy=remat_policy(options.remat), prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=num_layers,
+        unroll=1 if options.scan else num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

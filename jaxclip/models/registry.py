@@ -55,11 +55,29 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """What makes a CLIP model OpenCLIP's CoCa (`multimodal_cfg` and the CoCa options
+    of its towers): the image tower's attentional pooler (`n_queries` learned queries,
+    `attn_pooler_heads` heads, over the final tokens; query 0 gives the embedding, the
+    others the caption context), the text tower's appended CLS token, and the
+    multimodal decoder (`layers` blocks of causal self-attention then cross-attention
+    to the image tokens, `width` wide, projecting to the text vocabulary)."""
+
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    n_queries: int = 256
+    attn_pooler_heads: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A CLIP model: two towers meeting in an `embed_dim` space.
 
     `logit_bias`: the model has SigLIP's learned logit bias (and its initial scale).
     `norm_eps`: the epsilon of every LayerNorm (1e-5 in CLIP, 1e-6 in SigLIP).
+    `decoder`: set for a CoCa model (`DecoderConfig`), None for CLIP and SigLIP.
     """
 
     embed_dim: int
@@ -68,6 +86,11 @@ class ModelConfig:
     quick_gelu: bool = False
     logit_bias: bool = False
     norm_eps: float = 1e-5
+    decoder: DecoderConfig | None = None
+
+    @property
+    def is_coca(self) -> bool:
+        return self.decoder is not None
 
     @property
     def act(self) -> str:
@@ -255,6 +278,40 @@ def mlp_ratio_for(width: int, hidden: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
+def _coca_family() -> dict[str, ModelConfig]:
+    """OpenCLIP 3.3.0's CoCa names (`model_configs/coca_*.json`): a 76-token text
+    context (77 positions with the CLS token), the decoder as wide as the embedding
+    (its cross-attention reads the pooled image tokens, `embed_dim` wide)."""
+    text = dict(context_length=76)
+    return {
+        "coca_ViT-B-32": ModelConfig(
+            512,
+            VisionConfig(224, 12, 768, patch_size=32),
+            TextConfig(**text),
+            decoder=DecoderConfig(width=512, heads=8, layers=12, attn_pooler_heads=8),
+        ),
+        # OpenCLIP's JSON says attn_pooler_heads 12 in multimodal_cfg, which nothing
+        # reads: the image tower's pooler has vision_cfg's 8 heads.
+        "coca_ViT-L-14": ModelConfig(
+            768,
+            VisionConfig(224, 24, 1024, patch_size=14),
+            TextConfig(**text, width=768, heads=12),
+            decoder=DecoderConfig(width=768, heads=12, layers=12, attn_pooler_heads=8),
+        ),
+        # Tiny CoCa for tests; not an OpenCLIP name. The pooler's queries are narrower
+        # than the image tower (as in OpenCLIP's CoCa), which gives its attention
+        # separate q/k/v projections.
+        "tiny-coca": ModelConfig(
+            32,
+            VisionConfig(32, 2, 64, patch_size=8, head_width=32),
+            TextConfig(context_length=12, vocab_size=100, width=32, heads=2, layers=2),
+            decoder=DecoderConfig(
+                width=32, heads=2, layers=2, n_queries=6, attn_pooler_heads=2
+            ),
+        ),
+    }
+
+
 MODELS: dict[str, ModelConfig] = {
     **_BASE,
     **{
@@ -276,6 +333,7 @@ MODELS: dict[str, ModelConfig] = {
             act="gelu_tanh",
         ),
     ),
+    **_coca_family(),
 }
 
 
