@@ -375,6 +375,11 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
     train_and_evaluate(config, str(resumed))
     jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
 
+    # Resuming with other locking is refused: the optimizer state would not fit.
+    config.train.freeze = ("visual/transformer/.*",)
+    with pytest.raises(ConfigError, match="checkpoint was saved with train.freeze"):
+        train_and_evaluate(config, str(resumed))
+
 
 def test_the_lit_recipe_needs_weights():
     with pytest.raises(ValueError, match="configs/lit.py:/path/to/weights"):

@@ -266,6 +266,24 @@ def stop_locked_towers(out: dict[str, jax.Array], locked: tuple[str, ...]) -> di
     }
 
 
+def check_resumable(config: ml_collections.ConfigDict, saved: Any) -> None:
+    """A run resumes with the locking it was saved with (`saved`: the checkpoint's
+    config, None for none): its optimizer state covers what that left trainable."""
+    if saved is None:
+        return
+    train = saved.get("train", {})
+    before = Freeze(tuple(train.get("freeze", ())), train.get("unlock_last", 0))
+    if before != Freeze.of(config):
+        raise ConfigError(
+            f"train.freeze={list(config.train.freeze)}, train.unlock_last="
+            f"{config.train.unlock_last}: the workdir's checkpoint was saved with "
+            f"train.freeze={list(before.patterns)}, train.unlock_last="
+            f"{before.unlock_last}, and its optimizer state holds what those left "
+            "trainable; resume with them, or start a new workdir with "
+            "model.init_from=<this workdir> to change what is locked"
+        )
+
+
 def optimize_trainable(
     tx: optax.GradientTransformation, freeze: Freeze
 ) -> optax.GradientTransformation:

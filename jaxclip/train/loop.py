@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxclip import distributed, sharding
 from jaxclip.config import validate_config
+from jaxclip.convert.checkpoint import run_config
 from jaxclip.data.pipeline import (
     checkpoint_state,
     describe_skipped,
@@ -36,7 +37,7 @@ from jaxclip.models.build import (
 )
 from jaxclip.models.clip import CLIP
 from jaxclip.models.registry import get_model_config
-from jaxclip.train import distill, ema, mfu
+from jaxclip.train import distill, ema, freeze, mfu
 from jaxclip.train.checkpoint import BestCheckpoint, Checkpointer
 from jaxclip.train.distill import load_teacher
 from jaxclip.train.freeze import Freeze
@@ -367,6 +368,7 @@ def restore_or_init(
         return create_train_state(
             model, tx, mesh, jax.random.key(config.seed), ema=with_ema
         )
+    freeze.check_resumable(config, run_config(checkpointer.directory))
     abstract, state_shardings = abstract_train_state(model, tx, mesh, ema=with_ema)
     state, data_state = restore_train_state(checkpointer, abstract, log)
     train_iter.set_state(data_state)
