@@ -27,6 +27,56 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
+def vit_fields(cfg: ModelConfig) -> dict:
+    """A ViT image tower's sizes and activation, as `VisionTransformer` takes them."""
+    vision = cfg.vision
+    return dict(
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        width=vision.width,
+        num_layers=vision.layers,
+        num_heads=vision.heads,
+        output_dim=cfg.embed_dim,
+        act=cfg.vision_act,
+        mlp_ratio=vision.mlp_ratio,
+    )
+
+
+def text_fields(cfg: ModelConfig) -> dict:
+    """The text tower's sizes and activation, as `TextTransformer` takes them."""
+    text = cfg.text
+    return dict(
+        vocab_size=text.vocab_size,
+        context_length=text.context_length,
+        width=text.width,
+        num_layers=text.layers,
+        num_heads=text.heads,
+        output_dim=cfg.embed_dim,
+        act=cfg.text_act,
+        mlp_ratio=text.mlp_ratio,
+    )
+
+
+def stack_fields(model: nn.Module, cfg: ModelConfig) -> dict:
+    """What the transformer towers of `model` (a CLIP or CoCa) share
+    (`layers.StackOptions`), apart from the MLP ratio and the activation."""
+    return dict(
+        dtype=model.dtype, scan=model.scan, remat=model.remat, norm_eps=cfg.norm_eps
+    )
+
+
+def set_up_temperature(model: nn.Module, init_scale: float) -> None:
+    """In `model.setup()` (a CLIP or CoCa): the learnable log scale `logit_scale`,
+    and where `model.has_logit_bias`, SigLIP's `logit_bias` (initialised to -10)."""
+    model.logit_scale = model.param(
+        "logit_scale", nn.initializers.constant(init_scale), ()
+    )
+    if model.has_logit_bias:
+        model.logit_bias = model.param(
+            "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
+        )
+
+
 class CLIP(nn.Module):
     """Two towers plus a learnable log temperature (and, for SigLIP, a bias).
 
@@ -50,9 +100,7 @@ class CLIP(nn.Module):
         vision, text = cfg.vision, cfg.text
         # What both transformer towers share (`layers.StackOptions`), apart from the
         # MLP ratio and the activation, which are per tower.
-        stack = dict(
-            dtype=self.dtype, scan=self.scan, remat=self.remat, norm_eps=cfg.norm_eps
-        )
+        stack = stack_fields(self, cfg)
         if vision.is_resnet:
             if self.patch_dropout:
                 raise ValueError(
@@ -69,42 +117,22 @@ class CLIP(nn.Module):
             )
         else:
             self.visual = VisionTransformer(
-                image_size=vision.image_size,
-                patch_size=vision.patch_size,
-                width=vision.width,
-                num_layers=vision.layers,
-                num_heads=vision.heads,
-                output_dim=cfg.embed_dim,
+                **vit_fields(cfg),
                 pool=vision.pool,
                 patch_dropout=self.patch_dropout,
-                act=cfg.vision_act,
-                mlp_ratio=vision.mlp_ratio,
                 **stack,
             )
         self.text = TextTransformer(
-            vocab_size=text.vocab_size,
-            context_length=text.context_length,
-            width=text.width,
-            num_layers=text.layers,
-            num_heads=text.heads,
-            output_dim=cfg.embed_dim,
+            **text_fields(cfg),
             causal=text.causal,
             pool=text.pool,
             proj_bias=text.proj_bias,
-            act=cfg.text_act,
-            mlp_ratio=text.mlp_ratio,
             **stack,
         )
         init_scale = (
             SIGLIP_INIT_LOGIT_SCALE if self.has_logit_bias else CLIP_INIT_LOGIT_SCALE
         )
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(init_scale), ()
-        )
-        if self.has_logit_bias:
-            self.logit_bias = self.param(
-                "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
-            )
+        set_up_temperature(self, init_scale)
 
     @property
     def has_logit_bias(self) -> bool:

@@ -25,8 +25,11 @@ import jax.numpy as jnp
 
 from jaxclip.models.clip import (
     CLIP_INIT_LOGIT_SCALE,
-    SIGLIP_INIT_LOGIT_BIAS,
     l2_normalize,
+    set_up_temperature,
+    stack_fields,
+    text_fields,
+    vit_fields,
 )
 from jaxclip.models.layers import (
     CrossAttentionBlock,
@@ -140,11 +143,7 @@ class CoCaVisionTransformer(VisionTransformer):
     ) -> tuple[jax.Array, jax.Array]:
         """images float [batch, H, W, 3] -> (embedding [batch, output_dim],
         image tokens [batch, n_queries - 1, output_dim])."""
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
-                f"{self.image_size}x{self.image_size}"
-            )
+        self.check_image_size(images)
         if self.patch_dropout:
             raise ValueError("CoCa's image tower has no patch dropout here")
         tokens = self.norm(self.patch_tokens(images), "ln_pre")
@@ -201,13 +200,7 @@ class CoCaTextTransformer(TextTransformer):
                 f"tokens have length {length}, more than the model's context_length "
                 f"{self.context_length}"
             )
-        token_embedding = nn.Embed(
-            self.vocab_size,
-            self.width,
-            dtype=self.dtype,
-            embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
-        )
+        token_embedding = self.token_embedding()
         cls_emb = self.param(
             "cls_emb", logical(nn.initializers.normal(0.01), ("embed",)), (self.width,)
         )
@@ -319,33 +312,14 @@ class CoCa(nn.Module):
                 f"decoder.width {decoder.width} must equal embed_dim {cfg.embed_dim}: "
                 "the decoder cross-attends to the pooled image tokens"
             )
-        stack = dict(
-            dtype=self.dtype, scan=self.scan, remat=self.remat, norm_eps=cfg.norm_eps
-        )
+        stack = stack_fields(self, cfg)
         self.visual = CoCaVisionTransformer(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            width=vision.width,
-            num_layers=vision.layers,
-            num_heads=vision.heads,
-            output_dim=cfg.embed_dim,
+            **vit_fields(cfg),
             n_queries=decoder.n_queries,
             attn_pooler_heads=decoder.attn_pooler_heads,
-            act=cfg.vision_act,
-            mlp_ratio=vision.mlp_ratio,
             **stack,
         )
-        self.text = CoCaTextTransformer(
-            vocab_size=text.vocab_size,
-            context_length=text.context_length,
-            width=text.width,
-            num_layers=text.layers,
-            num_heads=text.heads,
-            output_dim=cfg.embed_dim,
-            act=cfg.text_act,
-            mlp_ratio=text.mlp_ratio,
-            **stack,
-        )
+        self.text = CoCaTextTransformer(**text_fields(cfg), **stack)
         self.text_decoder = MultimodalDecoder(
             width=decoder.width,
             num_layers=decoder.layers,
@@ -355,13 +329,7 @@ class CoCa(nn.Module):
             mlp_ratio=decoder.mlp_ratio,
             **stack,
         )
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(CLIP_INIT_LOGIT_SCALE), ()
-        )
-        if self.has_logit_bias:
-            self.logit_bias = self.param(
-                "logit_bias", nn.initializers.constant(SIGLIP_INIT_LOGIT_BIAS), ()
-            )
+        set_up_temperature(self, CLIP_INIT_LOGIT_SCALE)
 
     @property
     def has_logit_bias(self) -> bool:

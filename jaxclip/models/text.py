@@ -40,6 +40,16 @@ class TextTransformer(StackOptions):
     pool: str = "argmax"
     proj_bias: bool = False
 
+    def token_embedding(self) -> nn.Embed:
+        """The token embedding table `[vocab, width]` (call inside `__call__`)."""
+        return nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )
+
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens: int [batch, context_length] -> [batch, output_dim]."""
@@ -50,13 +60,7 @@ class TextTransformer(StackOptions):
             )
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
-        token_embedding = nn.Embed(
-            self.vocab_size,
-            self.width,
-            dtype=self.dtype,
-            embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
-        )
+        token_embedding = self.token_embedding()
         positional_embedding = self.param(
             "positional_embedding",
             logical(nn.initializers.normal(0.01), ("length", "embed")),

@@ -98,11 +98,7 @@ class VisionTransformer(StackOptions):
 
         `patch_keys`: one PRNG key per image, needed when `train` and
         `patch_dropout` > 0 (no other dropout or batch statistics in the ViT)."""
-        if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
-            raise ValueError(
-                f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
-                f"{self.image_size}x{self.image_size}"
-            )
+        self.check_image_size(images)
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
         if not 0 <= self.patch_dropout < 1:
@@ -145,6 +141,14 @@ class VisionTransformer(StackOptions):
 
     def norm(self, x: jax.Array, name: str) -> jax.Array:
         return layer_norm(x, name, self.dtype, self.norm_eps)
+
+    def check_image_size(self, images: jax.Array) -> None:
+        """Refuse images `[batch, H, W, 3]` of another size than the tower's."""
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images are {images.shape[1]}x{images.shape[2]}, the model expects "
+                f"{self.image_size}x{self.image_size}"
+            )
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """Images -> (class token and) patches with positions, [batch, tokens, width]."""
