@@ -308,7 +308,7 @@ LIT_STEPS = 4
 
 def _lit_config(weights: str):
     """configs/lit.py on `weights`, made tiny: float32, the shapes data, 16 pairs a
-    step, a checkpoint every step."""
+    step, a checkpoint every step, and an EMA of the params (decay 0.5)."""
     return recipe(
         "lit",
         weights,
@@ -321,6 +321,7 @@ def _lit_config(weights: str):
             "checkpoint.every_steps": 1,
             "checkpoint.keep": LIT_STEPS,
             "log.every_steps": 1,
+            "train.ema_decay": 0.5,
         },
     )
 
@@ -330,6 +331,7 @@ def _final_state(config, workdir) -> object:
         model_from_config(config),
         make_optimizer(config),
         sharding.make_mesh(config.mesh.shape),
+        ema=True,
     )
     checkpointer = Checkpointer(str(workdir / "checkpoints"))
     try:
@@ -366,6 +368,14 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
     ]
     assert len(moved) == len(named_leaves(start["text"]))  # every text parameter
     assert "visual" not in final.opt_state[1][0].mu
+    # The EMA: the locked tower's is its params, bit for bit; the text tower's moved
+    # with the params but lags them.
+    jax.tree.map(np.testing.assert_array_equal, final.ema_params["visual"],
+                 start["visual"])  # fmt: skip
+    text_ema = named_leaves(final.ema_params["text"])
+    for name, leaf in named_leaves(final.params["text"]).items():
+        assert not np.array_equal(text_ema[name], leaf), name
+        assert not np.array_equal(text_ema[name], named_leaves(start["text"])[name])
 
     # Stopped after step 2's checkpoint, then run again: the same final state.
     resumed = tmp_path / "resumed"

@@ -197,8 +197,9 @@ class Trainer:
             config, model, tx, mesh, checkpointer, train_iter, log
         )
         log(f"model {config.model.name}: {count_params(state.params):,} parameters")
-        if not Freeze.of(config).off:
-            log(Freeze.of(config).describe(state.params))
+        locking = Freeze.of(config)
+        if not locking.off:
+            log(locking.describe(state.params))
         writer = MetricWriter(workdir, config.train.steps)
         teacher = (
             load_teacher(config, model, mesh, log) if distill.enabled(config) else None

@@ -513,6 +513,24 @@ def apply_gradients(
         batch_stats=batch_stats,
         nonfinite_streak=streak,
         nonfinite_total=total,
-        ema_params=update_ema(config, state.ema_params, params, state.step, finite),
+        ema_params=trainable_ema(config, freeze, state, params, finite),
     )
     return new_state, metrics
+
+
+def trainable_ema(
+    config: ml_collections.ConfigDict,
+    freeze: Freeze,
+    state: TrainState,
+    params: Any,
+    finite: jax.Array,
+) -> Any:
+    """The EMA after the step: only its trainable part moves (a locked parameter's
+    average is the parameter itself, and reading it every step would cost a pass over
+    the locked tower); None when the run keeps no EMA."""
+    if state.ema_params is None:
+        return None
+    moved = update_ema(
+        config, freeze.view(state.ema_params), freeze.view(params), state.step, finite
+    )
+    return freeze.merge(moved, state.ema_params)
