@@ -8,13 +8,14 @@ cpu_only_without_accelerator()
 # ruff: noqa: E402
 
 from jaxclip.data.tokenizer import tokenize
-from jaxclip.inference import InferenceModel, create_model, load
+from jaxclip.inference import InferenceModel, caption, create_model, load
 from jaxclip.models import CLIP, get_model_config, list_models
 
 __version__ = "0.1.0"
 __all__ = [
     "CLIP",
     "InferenceModel",
+    "caption",
     "create_model",
     "get_model_config",
     "list_models",

@@ -33,6 +33,7 @@ from jaxclip.evaluate.zeroshot import zero_shot_classifier
 from jaxclip.models.build import Encoders, init_variables, make_encoders
 from jaxclip.models.build import create_model as create_clip
 from jaxclip.models.clip import CLIP
+from jaxclip.models.generate import ids_to_texts, make_generator
 from jaxclip.models.registry import ModelConfig, get_model_config
 from jaxclip.preprocess import (
     ImageLike,
@@ -48,6 +49,7 @@ __all__ = [
     "OpenCLIPPreprocess",
     "Preprocess",
     "Tokenizer",
+    "caption",
     "create_model",
     "load",
 ]
@@ -140,6 +142,8 @@ class InferenceModel:
         self.openclip_preprocess = OpenCLIPPreprocess(self.preprocess, mean, std)
         self.tokenizer = Tokenizer(config.text.context_length, tokenizer)
         self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._generators: dict = {}  # caption decoding options -> jitted generator
 
     def __repr__(self) -> str:
         return f"InferenceModel({self.name or self.config})"
@@ -176,23 +180,32 @@ class InferenceModel:
         with the model's mean and std, as `openclip_preprocess` (or OpenCLIP's own
         preprocess) gives it, and must be S x S.
         """
+        return self._over_images(
+            functools.partial(self.encoders.images, normalize=normalize),
+            variables,
+            images,
+            normalized,
+        )
+
+    def _over_images(self, fn, variables, images, normalized: bool) -> np.ndarray:
+        """`fn(variables, pixels, pixels=kind)` over `images` (the forms
+        `encode_image` takes) in padded batches."""
         ready = pixel_batch(images, self.image_size, normalized)
         if ready is not None:
             pixels, kind = ready
-            encode = functools.partial(
-                self.encoders.images, normalize=normalize, pixels=kind
-            )
-            return self._batched(encode, variables, pixels, np.asarray)
+            run = functools.partial(fn, pixels=kind)
+            return self._batched(run, variables, pixels, np.asarray)
         if is_single_image(images):
             images = [images]
 
-        def encode(variables, pixels):
-            kind = "uint8" if pixels.dtype == jnp.uint8 else "unit"
-            return self.encoders.images(
-                variables, pixels, normalize=normalize, pixels=kind
+        def run(variables, pixels):
+            return fn(
+                variables,
+                pixels,
+                pixels="uint8" if pixels.dtype == jnp.uint8 else "unit",
             )
 
-        return self._batched(encode, variables, images, self._preprocess_batch)
+        return self._batched(run, variables, images, self._preprocess_batch)
 
     def _preprocess_batch(self, images: Sequence[ImageLike]) -> np.ndarray:
         """`preprocess` each image; uint8 unless one is float, then all float32 in
@@ -245,6 +258,41 @@ class InferenceModel:
         if not outputs:
             return np.zeros((0, self.config.embed_dim), np.float32)
         return np.concatenate(outputs)
+
+    # --- Captions (CoCa).
+
+    def generate(
+        self,
+        variables: dict,
+        images: Any,
+        *,
+        normalized: bool = False,
+        seed: int = 0,
+        **decoding: Any,
+    ) -> np.ndarray:
+        """Caption token ids int32 [n, max_len] of a CoCa model (images in any form
+        `encode_image` takes). `decoding`: method ("greedy", "beam", "sample"),
+        max_len, min_len, num_beams, length_penalty, top_k, top_p, temperature
+        (`jaxclip.models.generate.Decoding`, OpenCLIP's defaults); `seed` draws
+        the samples."""
+        generator = self._generator(tuple(sorted(decoding.items())))
+        key = jax.random.key(seed)
+        run = functools.partial(generator, key=key)
+        ids = self._over_images(run, variables, images, normalized)
+        return ids.astype(np.int32)
+
+    def caption(self, variables: dict, images: Any, **options: Any) -> list[str]:
+        """Captions of images by a CoCa model: `generate`'s ids, decoded."""
+        return ids_to_texts(self.generate(variables, images, **options))
+
+    def _generator(self, decoding: tuple[tuple[str, Any], ...]):
+        if not self.config.is_coca:
+            raise ValueError(f"{self} is not a CoCa model: it has no caption decoder")
+        if decoding not in self._generators:
+            self._generators[decoding] = make_generator(
+                self.module, self.mean, self.std, **dict(decoding)
+            )
+        return self._generators[decoding]
 
     # --- Zero-shot classification.
 
@@ -337,6 +385,20 @@ def create_model(
         batch_size=batch_size,
         **preprocess,
     )
+
+
+def caption(
+    model: InferenceModel, variables: dict, images: Any, **options: Any
+) -> list[str]:
+    """Captions of images by a CoCa model (`load` one): `model.caption`. `options`:
+    the decoding (method "greedy", "beam" or "sample", max_len, min_len, num_beams,
+    length_penalty, top_k, top_p, temperature; `jaxclip.models.generate.Decoding`)
+    and `seed`.
+
+        model, variables, preprocess, tokenizer = jaxclip.load("coca_dir")
+        jaxclip.caption(model, variables, ["cat.jpg"], method="beam")
+    """
+    return model.caption(variables, images, **options)
 
 
 def load(

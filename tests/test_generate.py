@@ -284,3 +284,26 @@ def test_bad_options_are_refused(coca, options, message):
 def test_a_clip_model_is_refused():
     with pytest.raises(ValueError, match="needs a CoCa model"):
         make_generator(create_model("tiny-vit", sharded=False), (0,) * 3, (1,) * 3)
+
+
+def test_inference_model_generates_and_captions(coca):
+    """`InferenceModel.generate` on a uint8 batch and on a list of images equals the
+    generator; `jaxclip.caption` decodes its ids; a CLIP model is refused."""
+    import jaxclip
+
+    model, variables, _ = coca
+    inference = jaxclip.create_model("tiny-coca")
+    pixels = np.random.RandomState(0).randint(0, 256, (3, 32, 32, 3), np.uint8)
+    generator = make_generator(model, inference.mean, inference.std, **IDS)
+    expected = np.asarray(generator(variables, pixels))
+    np.testing.assert_array_equal(
+        inference.generate(variables, pixels, **IDS), expected
+    )
+    np.testing.assert_array_equal(
+        inference.generate(variables, list(pixels), **IDS), expected
+    )
+    assert jaxclip.caption(inference, variables, pixels, **IDS) == ids_to_texts(
+        expected
+    )
+    with pytest.raises(ValueError, match="not a CoCa model"):
+        jaxclip.create_model("tiny-vit").caption(variables, pixels)

@@ -126,14 +126,19 @@ def generate(
 def make_generator(
     model: CoCa, mean: Sequence[float], std: Sequence[float], **options: Any
 ) -> Callable[..., jax.Array]:
-    """`generate`, jitted, on uint8 images: `fn(variables, images, key=None) -> ids`
-    with images uint8 [n, S, S, 3], normalised on the device with `mean` and `std`."""
+    """`generate`, jitted, on pixels: `fn(variables, images, key=None,
+    pixels="uint8") -> ids`, images `[n, S, S, 3]` normalised on the device with
+    `mean` and `std` (`pixels` as in `jaxclip.models.build.Encoders`)."""
     decoding_options(model, **options)  # refuse bad options now, not at the call
     mean, std = tuple(mean), tuple(std)
 
-    @jax.jit
-    def generate_from_pixels(variables, images, key=None):
-        normalized = normalize_images(images, mean, std, model.dtype)
+    @functools.partial(jax.jit, static_argnames="pixels")
+    def generate_from_pixels(variables, images, key=None, pixels="uint8"):
+        if pixels == "normalized":
+            normalized = images.astype(model.dtype)
+        else:
+            scale = 255.0 if pixels == "uint8" else 1.0
+            normalized = normalize_images(images, mean, std, model.dtype, scale)
         return generate(model, variables, normalized, key=key, **options)
 
     return generate_from_pixels
