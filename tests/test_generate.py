@@ -154,10 +154,12 @@ def test_cached_step_logits_equal_the_full_forward_pass(coca):
 
 
 def reference_beam_search(model, variables, images, beams, length_penalty):
-    """Plain beam search per image on uncached float64 log probabilities: extend
-    every live beam by every token, keep the 2k best; those ending join the
-    finished captions (score / generated length ** penalty, the k best kept), the k
-    best others stay live; stop once no live beam can beat the worst finished."""
+    """Plain beam search per image on uncached float64 log probabilities, with
+    Hugging Face's `BeamSearchScorer` rules: extend every live beam by every token and
+    rank the 2k best; one that ends joins the finished captions (score / tokens
+    before the end ** penalty, the k best kept) if it ranks in the first k; the k
+    best others stay live; stop once k captions are finished and the worst is at
+    least the best extension's score / the current length ** penalty."""
     all_image_tokens = image_tokens_of(model, variables, images)
     results = []
     for row in range(images.shape[0]):
@@ -177,15 +179,13 @@ def reference_beam_search(model, variables, images, beams, length_penalty):
             ]
             candidates.sort(key=lambda c: -c[0])
             candidates = candidates[: 2 * beams]
-            for score, ids in candidates:
-                if ids[-1] == EOT:
+            for rank, (score, ids) in enumerate(candidates):
+                if ids[-1] == EOT and rank < beams:
                     finished.append((score / t**length_penalty, ids))
             finished = sorted(finished, key=lambda c: -c[0])[:beams]
             live = [(ids, s) for s, ids in candidates if ids[-1] != EOT][:beams]
-            if not live:
-                break
-            bound = live[0][1] / (MAX_LEN - 1) ** length_penalty
-            if len(finished) == beams and finished[-1][0] >= bound:
+            best = candidates[0][0] / t**length_penalty
+            if len(finished) == beams and finished[-1][0] >= best:
                 break
         best = finished[0][1]
         results.append(list(best) + [PAD] * (MAX_LEN - len(best)))

@@ -38,8 +38,9 @@ class Decoding:
     """How to generate.
 
     - `method`: "greedy" (the most likely token each time), "beam" (beam search with
-      `num_beams` beams, a finished caption scored by its summed log probability over
-      its length, end token included, to the power `length_penalty`), or "sample"
+      `num_beams` beams, Hugging Face's rules: a finished caption is scored by its
+      summed log probability over its length, the start token included and the end
+      token not, to the power `length_penalty`; `_beam_search`), or "sample"
       (from the softmax of the logits over `temperature`, restricted to the `top_k`
       most likely tokens (0: all) and to the smallest set whose probability reaches
       `top_p` (1.0: all)).
@@ -287,12 +288,14 @@ def _sample(
 def _beam_search(
     cached: CoCa, variables: dict, image_tokens: jax.Array, decoding: Decoding
 ) -> jax.Array:
-    """Beam search: each step extends every live beam of an image by every token,
-    keeps the 2k best extensions, moves those that end to the image's finished
-    captions (the k best by normalised score stay) and the k best others on as the
-    beams. An image is done once no live beam can beat its worst finished caption
-    (a bound that holds for `length_penalty` >= 0); the best finished caption of
-    each image is returned."""
+    """Beam search with Hugging Face's rules (`BeamSearchScorer`, which OpenCLIP's
+    CoCa uses): each step extends every live beam of an image by every token and
+    ranks the 2k best extensions; one that ends joins the image's finished captions
+    if it ranks in the first k (the k best by normalised score are kept), the k best
+    others live on. An image is done, and its captions fixed, once it has k finished
+    captions and the worst is at least the best extension's summed log probability
+    over the current length to the power `length_penalty` (Hugging Face's default
+    `early_stopping=False` test). Returns each image's best finished caption."""
     beams, max_len = decoding.num_beams, decoding.max_len
     buffer, logits, cache = _start(cached, variables, image_tokens, decoding)
     batch, vocab = logits.shape
@@ -304,17 +307,16 @@ def _beam_search(
     scores = jnp.broadcast_to(scores, (batch, beams))
     finished = jnp.full((batch, beams, max_len), decoding.pad_id, jnp.int32)
     finished_scores = jnp.full((batch, beams), -jnp.inf)
+    done = jnp.zeros(batch, bool)
     first_row = jnp.arange(batch)[:, None] * beams
+    in_first_k = jnp.arange(2 * beams) < beams
 
     def unfinished(carry) -> jax.Array:
-        position, scores, finished_scores = carry[0], carry[4], carry[6]
-        length = max_len - 1 if decoding.length_penalty > 0 else position
-        best_live = scores[:, 0] / jnp.float32(length) ** decoding.length_penalty
-        done = finished_scores[:, -1] >= best_live
+        position, done = carry[0], carry[-1]
         return (position < max_len) & ~jnp.all(done)
 
     def extend(carry):
-        position, buffer, logits, cache, scores, finished, finished_scores = carry
+        position, buffer, logits, cache, scores, finished, finished_scores, done = carry
         logprobs = jax.nn.log_softmax(_allowed_logits(logits, position, decoding))
         candidates = scores[..., None] + logprobs.reshape(batch, beams, vocab)
         top, index = jax.lax.top_k(candidates.reshape(batch, -1), 2 * beams)
@@ -325,14 +327,17 @@ def _beam_search(
         ids = jnp.where(jnp.arange(max_len) == position, token[..., None], ids)
         ends = token == decoding.eot_id
         # Finished captions: the k best of those kept and those ending now.
-        normalised = top / position.astype(jnp.float32) ** decoding.length_penalty
+        length = position.astype(jnp.float32) ** decoding.length_penalty
+        joins = ends & in_first_k & ~done[:, None]
         pooled = jnp.concatenate(
-            [finished_scores, jnp.where(ends, normalised, -jnp.inf)], axis=1
+            [finished_scores, jnp.where(joins, top / length, -jnp.inf)], axis=1
         )
         finished_scores, keep = jax.lax.top_k(pooled, beams)
         finished = jnp.take_along_axis(
             jnp.concatenate([finished, ids], axis=1), keep[..., None], axis=1
         )
+        worst = finished_scores[:, -1]
+        done = done | (jnp.isfinite(worst) & (worst >= top[:, 0] / length))
         # Live beams: the k best extensions that do not end.
         scores, keep = jax.lax.top_k(jnp.where(ends, -jnp.inf, top), beams)
         buffer = jnp.take_along_axis(ids, keep[..., None], axis=1)
@@ -340,8 +345,26 @@ def _beam_search(
         rows = (first_row + jnp.take_along_axis(parent, keep, axis=1)).reshape(-1)
         cache = _reorder_rows(cache, rows)
         logits, cache = _step(cached, variables, cache, buffer, position)
-        return position + 1, buffer, logits, cache, scores, finished, finished_scores
+        return (
+            position + 1,
+            buffer,
+            logits,
+            cache,
+            scores,
+            finished,
+            finished_scores,
+            done,
+        )
 
-    carry = (jnp.int32(1), buffer, logits, cache, scores, finished, finished_scores)
+    carry = (
+        jnp.int32(1),
+        buffer,
+        logits,
+        cache,
+        scores,
+        finished,
+        finished_scores,
+        done,
+    )
     finished = jax.lax.while_loop(unfinished, extend, carry)[5]
     return finished[:, 0]

@@ -298,6 +298,16 @@ def _coca_family() -> dict[str, ModelConfig]:
             TextConfig(**text, width=768, heads=12),
             decoder=DecoderConfig(width=768, heads=12, layers=12, attn_pooler_heads=8),
         ),
+        # The CoCa demo's (configs/coca_demo.py): demo-vit's image tower, 16 image
+        # tokens for the decoder, and a text context that holds every shapes caption.
+        "demo-coca": ModelConfig(
+            64,
+            VisionConfig(32, 4, 128, patch_size=8),
+            TextConfig(context_length=12, width=64, heads=2, layers=2),
+            decoder=DecoderConfig(
+                width=64, heads=2, layers=2, n_queries=17, attn_pooler_heads=2
+            ),
+        ),
         # Tiny CoCa for tests; not an OpenCLIP name. The pooler's queries are narrower
         # than the image tower (as in OpenCLIP's CoCa), which gives its attention
         # separate q/k/v projections.
