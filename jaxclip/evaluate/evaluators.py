@@ -41,40 +41,52 @@ image root).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxclip import sharding
 from jaxclip.config_rules import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
     POSITIVE_INT,
     ConfigError,
     check_fields,
     int_at_least,
+    number,
     one_of,
 )
 from jaxclip.data import digits, shapes
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.evaluate import prompts
-from jaxclip.evaluate.datasets import ClassificationSet, RetrievalSet
-from jaxclip.evaluate.embed import embed_rows
+from jaxclip.evaluate.caption_metrics import caption_metrics
+from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
+from jaxclip.evaluate.embed import embed_rows, map_rows
 from jaxclip.evaluate.retrieval import retrieval_metrics
 from jaxclip.evaluate.zeroshot import (
     class_embeddings,
     classification_metrics,
     prompt_texts,
 )
-from jaxclip.models.build import Encoders
+from jaxclip.models.build import Encoders, make_encoders
+from jaxclip.models.clip import CLIP
+from jaxclip.models.coca import CoCa
+from jaxclip.models.registry import ModelConfig
 
 # The registry of choices: each kind and the datasets it can read.
 DATASETS_BY_KIND = {
     "zeroshot": ("shapes", "digits", "tfds", "folder", "csv"),
     "retrieval": ("csv", "karpathy"),
     "linear_probe": ("shapes", "digits", "tfds", "folder", "csv"),
+    "captioning": ("shapes", "csv", "karpathy"),
 }
 KINDS = tuple(DATASETS_BY_KIND)
 
@@ -82,7 +94,7 @@ KINDS = tuple(DATASETS_BY_KIND)
 LIST_FIELDS = ("classnames", "templates")  # spec() takes lists for these
 
 _DEFAULTS = {
-    "kind": "zeroshot",  # zeroshot | retrieval | linear_probe
+    "kind": "zeroshot",  # zeroshot | retrieval | linear_probe | captioning
     "dataset": "shapes",  # shapes | digits | tfds | folder | csv | karpathy
     # during training, every this many steps; 0: once, at the end; -1: off
     "every_steps": 0,
@@ -108,7 +120,33 @@ _DEFAULTS = {
     "train_split": "train",
     "train_path": "",
     "train_num_examples": 0,
+    # captioning (CoCa): how captions are decoded (jaxclip/models/generate.py):
+    # "greedy", "beam" (num_beams, length_penalty) or "sample" (top_k, top_p,
+    # temperature, seed); at most max_len tokens, start and end included, and at
+    # least min_len before the end
+    "method": "greedy",
+    "max_len": 30,
+    "min_len": 5,
+    "num_beams": 6,
+    "length_penalty": 1.0,
+    "top_k": 0,  # 0: no top-k cut
+    "top_p": 1.0,  # 1: no nucleus cut
+    "temperature": 1.0,
+    "seed": 0,  # sampling: batch i draws with fold_in(key(seed), i)
 }
+DECODING_METHODS = ("greedy", "beam", "sample")
+DECODING_FIELDS = (
+    "method",
+    "max_len",
+    "min_len",
+    "num_beams",
+    "length_penalty",
+    "top_k",
+    "top_p",
+    "temperature",
+)
+# What captioning reports (caption_metrics.py computes them).
+CAPTION_METRICS = ("bleu4", "cider", "exact_match")
 
 # Types and ranges of an entry's fields; what depends on the kind and dataset is
 # checked in `validate`.
@@ -118,6 +156,19 @@ _RULES = {
     "batch_size": POSITIVE_INT,
     "num_examples": int_at_least(0),
     "train_num_examples": int_at_least(0),
+}
+# A captioning entry's decoding options (only its: a config saved before they existed
+# has entries without them). What depends on the model is checked in `check_model`.
+_CAPTIONING_RULES = {
+    "method": one_of(DECODING_METHODS),
+    "max_len": int_at_least(2),  # the start token and one more
+    "min_len": NON_NEGATIVE_INT,
+    "num_beams": POSITIVE_INT,
+    "length_penalty": number(math.isfinite, "must be a finite number"),
+    "top_k": NON_NEGATIVE_INT,
+    "top_p": number(lambda value: 0 < value <= 1, "must be in (0, 1]"),
+    "temperature": POSITIVE,
+    "seed": NON_NEGATIVE_INT,
 }
 _NEEDS_PATH = ("tfds", "folder", "csv", "karpathy")
 WEIGHTS = ("params", "ema")
@@ -164,6 +215,39 @@ def validate(evals: ml_collections.ConfigDict) -> None:
                 f"reads one of {list(datasets)}"
             )
         _check_paths(entry, where)
+        if entry.kind == "captioning":
+            _check_decoding(entry, where)
+
+
+def _check_decoding(entry: ml_collections.ConfigDict, where: str) -> None:
+    check_fields(entry, _CAPTIONING_RULES, prefix=f"{where}.")
+    if entry.min_len > entry.max_len:
+        raise ConfigError(
+            f"{where}.min_len={entry.min_len} must be at most "
+            f"{where}.max_len={entry.max_len} (the most tokens a caption has, "
+            "start and end included)"
+        )
+
+
+def check_model(
+    evals: ml_collections.ConfigDict, model: ModelConfig, model_name: str
+) -> None:
+    """Refuse an evaluator the model evaluated cannot run (raises ConfigError):
+    captioning needs CoCa's text decoder, and captions that fit its context."""
+    for name, entry in evals.items():
+        if entry.kind != "captioning":
+            continue
+        if not model.is_coca:
+            raise ConfigError(
+                f"evals.{name}: a captioning evaluator needs a CoCa model (its text "
+                f"decoder writes the captions); {model_name!r} is not one "
+                "(docs/coca.md)"
+            )
+        if entry.max_len > model.text.context_length:
+            raise ConfigError(
+                f"evals.{name}.max_len={entry.max_len} is longer than the "
+                f"{model.text.context_length} tokens {model_name!r} reads"
+            )
 
 
 def _check_paths(entry: ml_collections.ConfigDict, where: str) -> None:
@@ -265,6 +349,25 @@ def retrieval_set(entry: ml_collections.ConfigDict, image_size: int) -> Retrieva
     )
 
 
+def caption_set(
+    entry: ml_collections.ConfigDict, image_size: int, seed: int = 0
+) -> RetrievalSet:
+    """The images a captioning evaluator captions, with their reference captions: the
+    held-out shapes (one caption each), or a retrieval set's (several per image)."""
+    if entry.dataset != "shapes":
+        return retrieval_set(entry, image_size)
+    held_out = shapes.eval_set(seed, entry.num_examples or 1000, image_size)
+    count = len(held_out["captions"])
+    return RetrievalSet(
+        ArrayImages(held_out["images"]),
+        held_out["captions"],
+        np.arange(count),
+        {},
+        {},
+        "shapes",
+    )
+
+
 def default_templates(entry: ml_collections.ConfigDict) -> list[str]:
     """The prompts used when `templates` is empty: the dataset's own sentences for the
     built-in sets, the matching packaged set for CIFAR, else the CLIP paper's 80."""
@@ -290,7 +393,9 @@ class Evaluator:
 
     `tokens`: the prompts' tokens (zeroshot, class by class as `prompt_texts` orders
     them) or the captions' (retrieval), tokenized once here rather than at every run.
-    `train_data`: what a linear probe is fit on.
+    `train_data`: what a linear probe is fit on. `generate`: a captioning evaluator's
+    jitted `(variables, uint8 images, key) -> int32 ids [n, max_len]`
+    (`generate.make_generator` with the entry's decoding options).
     """
 
     def __init__(
@@ -302,10 +407,12 @@ class Evaluator:
         data: ClassificationSet | RetrievalSet,
         tokens: np.ndarray | None = None,
         train_data: ClassificationSet | None = None,
+        generate: Callable[..., jax.Array] | None = None,
     ):
         self.name, self.entry, self.mesh = name, entry, mesh
         self.encode_images, self.encode_texts = encoders
         self.data, self.tokens, self.train_data = data, tokens, train_data
+        self.generate = generate
 
     @property
     def every_steps(self) -> int:
@@ -344,6 +451,8 @@ class Evaluator:
             results = self._zeroshot(variables)
         elif self.entry.kind == "retrieval":
             results = self._retrieval(variables)
+        elif self.entry.kind == "captioning":
+            results = self._captioning(variables)
         else:
             results = self._linear_probe(variables)
         skipped = sum(self.data.skipped.values())
@@ -384,6 +493,35 @@ class Evaluator:
         # linear_probe names its metrics 'linear_probe/...'; the entry names them here.
         return {metric.split("/", 1)[-1]: value for metric, value in results.items()}
 
+    def captions(self, variables: Variables) -> list[str]:
+        """The generated caption of each image (captioning), the same on every
+        process: batches of `batch_size` images, sharded over the mesh's batch axes."""
+        batch_keys = None
+        if self.entry.method == "sample":
+            base = jax.random.key(self.entry.seed)
+            replicated = sharding.replicated(self.mesh)
+            batch_keys = (
+                jax.device_put(jax.random.fold_in(base, i), replicated)
+                for i in itertools.count()
+            )
+
+        def generate(images: jax.Array) -> jax.Array:
+            key = next(batch_keys) if batch_keys is not None else None
+            return self.generate(variables, images, key)
+
+        ids = map_rows(
+            generate, self.data.load, len(self.data), self.entry.batch_size, self.mesh
+        )
+        from jaxclip.models.generate import ids_to_texts
+
+        return ids_to_texts(ids)
+
+    def _captioning(self, variables: Variables) -> dict[str, float]:
+        scores = caption_metrics(
+            self.captions(variables), self.data.captions_by_image()
+        )
+        return {metric: scores[metric] for metric in CAPTION_METRICS}
+
 
 def _normalize(features: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(features, axis=-1, keepdims=True)
@@ -401,6 +539,8 @@ def read_data(
 ]:
     """What one entry's evaluator reads, once: `(data, tokens, train_data)` as
     `Evaluator` takes them (tokens of the prompts or captions; a probe's train set)."""
+    if entry.kind == "captioning":
+        return caption_set(entry, image_size, seed), None, None
     if entry.kind == "retrieval":
         data = retrieval_set(entry, image_size)
         return data, tokenizer(data.captions, context_length), None
@@ -421,27 +561,39 @@ def read_data(
 
 def make_evaluators(
     evals: ml_collections.ConfigDict,
-    encoders: Encoders,
+    model: CLIP | CoCa,
+    mean: Sequence[float],
+    std: Sequence[float],
     mesh: Mesh,
-    image_size: int,
-    context_length: int,
     tokenizer: TokenizerSpec,
     seed: int = 0,
 ) -> list[Evaluator]:
-    """One Evaluator per `config.evals` entry, in the config's order, its data read.
+    """One Evaluator per `config.evals` entry, in the config's order, its data read;
+    images are normalised with `mean` and `std` as the model was trained.
 
-    The entries must have passed `validate` (validate_config and
-    validate_evals_config run it before anything is built)."""
-    return [
-        Evaluator(
-            name,
-            entry,
-            encoders,
-            mesh,
-            *read_data(entry, image_size, context_length, tokenizer, seed),
+    The entries must have passed `validate` and `check_model` (validate_config and
+    validate_evals_config run them before anything is built)."""
+    encoders = make_encoders(model, mean, std)
+    image_size = model.config.vision.image_size
+    context_length = model.config.text.context_length
+    evaluators = []
+    for name, entry in evals.items():
+        generate = None
+        if entry.kind == "captioning":
+            # Imported here: only captioning needs it.
+            from jaxclip.models.generate import make_generator
+
+            generate = make_generator(model, mean, std, **decoding_options(entry))
+        data = read_data(entry, image_size, context_length, tokenizer, seed)
+        evaluators.append(
+            Evaluator(name, entry, encoders, mesh, *data, generate=generate)
         )
-        for name, entry in evals.items()
-    ]
+    return evaluators
+
+
+def decoding_options(entry: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A captioning entry's keyword arguments for `generate` (all but the key)."""
+    return {field: entry[field] for field in DECODING_FIELDS}
 
 
 def run_all(
