@@ -9,6 +9,9 @@ a period.
     config.evals.coco = evaluators.spec(
         "retrieval", "karpathy", path="/data/coco/dataset_coco.json",
         data_dir="/data/coco")
+    config.evals.coco_captions = evaluators.spec(      # CoCa models
+        "captioning", "karpathy", path="/data/coco/dataset_coco.json",
+        data_dir="/data/coco", method="beam", batch_size=64)
 
 Results are named `<entry>/<metric>` (`imagenet/top1`, `coco/image_to_text/R@1`) and
 go to the console, TensorBoard and `metrics.jsonl`. `params='ema'` evaluates the
@@ -18,9 +21,9 @@ run's exponential moving average of the parameters instead of the parameters
     config.evals.imagenet_ema = evaluators.spec(
         "zeroshot", "folder", path="/data/imagenet/val", classnames="imagenet",
         params="ema", every_steps=5000)
- Every process runs every
-evaluator (each embeds its share of the images; see embed.py), and gets the same
-numbers.
+
+Every process runs every evaluator (each embeds, or captions, its share of the
+images; see embed.py), and gets the same numbers.
 
 Kinds:
 - `zeroshot`: top1, top5, mean_per_class_recall, with class embeddings from the
@@ -30,6 +33,12 @@ Kinds:
 - `linear_probe`: the CLIP paper's logistic regression on frozen image features of
   `train_split`, L2 strength chosen on a validation part of it, scored on `split`
   (linear_probe.py, in JAX).
+- `captioning` (CoCa models only): bleu4, cider (CIDEr-D) and exact_match of the
+  captions the model writes (jaxclip/models/generate.py, with the entry's decoding
+  options `method`, `max_len`, `min_len`, `num_beams`, `length_penalty`, `top_k`,
+  `top_p`, `temperature`, `seed`) against each image's references, scored as the COCO
+  caption evaluation does (caption_metrics.py). Its data: `shapes` (one caption per
+  image), `csv` or `karpathy` (all an image's captions).
 
 Datasets (`dataset`): `shapes` (the demo's held-out shapes), `digits` (scikit-learn's
 digits, split 'train' or 'test'), `tfds` (`path` = the dataset name, `data_dir`,
