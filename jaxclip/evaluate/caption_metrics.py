@@ -8,7 +8,7 @@ The numbers are those of `pycocoevalcap` (tests/test_caption_metrics.py compares
   the brevity penalty compares the total candidate length to the sum over images of
   the reference length *closest* to the candidate's (the shorter one on a tie). As
   pycocoevalcap does, every ratio is (matches + 1e-15) / (candidates + 1e-9), so a
-  set with no 4-gram match scores a tiny positive BLEU-4 (about 1e-4), not 0.
+  set with no 4-gram match scores a tiny positive BLEU-4 (1e-9 to 1e-4), not 0.
 - `cider_d`: CIDEr-D (Vedantam et al., the `Cider` scorer): for n = 1..4, TF-IDF
   vectors of n-gram counts with document frequencies over the evaluated set's
   references (an image counts once per n-gram), the candidate's weights clipped at the
