@@ -3,10 +3,20 @@ metrics computed directly on `generate`'s captions of the same images."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import numpy as np
 import pytest
 
+from jaxclip import sharding
 from jaxclip.config import ConfigError, base_config, validate_evals_config
+from jaxclip.data.tokenizer import TokenizerSpec
+from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD, normalize_images
 from jaxclip.evaluate import evaluators
+from jaxclip.evaluate.caption_metrics import caption_metrics
+from jaxclip.evaluate.datasets import RetrievalSet
+from jaxclip.models.build import create_model, init_variables
 from jaxclip.models.registry import get_model_config
 
 
@@ -73,3 +83,69 @@ def test_other_kinds_ignore_the_decoding_fields():
         del entry[field]
     config.evals.zs = entry
     validate_evals_config(config)
+
+
+# --- The evaluator on a random tiny CoCa.
+
+DECODING = dict(method="greedy", max_len=8, min_len=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_coca():
+    """tiny-coca with CLIP's vocabulary (its start and end tokens are 49406, 49407),
+    randomly initialised."""
+    pytest.importorskip("jaxclip.models.generate")
+    config = get_model_config("tiny-coca")
+    config = dataclasses.replace(
+        config, text=dataclasses.replace(config.text, vocab_size=49408)
+    )
+    model = create_model(config)
+    return model, jax.device_get(init_variables(model, jax.random.key(1)))
+
+
+def direct_captions(model, variables, images, **options):
+    """`generate` on the whole set at once, on one device, decoded."""
+    from jaxclip.models.generate import generate, ids_to_texts
+
+    pixels = normalize_images(images, OPENAI_MEAN, OPENAI_STD, model.dtype, 255.0)
+    run = jax.jit(lambda v, x: generate(model, v, x, **options))
+    return ids_to_texts(run(variables, pixels))
+
+
+def test_scores_equal_the_metrics_of_generated_captions(tiny_coca):
+    model, variables = tiny_coca
+    mesh = sharding.make_mesh((4, 2, 1))
+    config = base_config()
+    config.evals.cap = evaluators.spec(
+        "captioning", "shapes", num_examples=11, batch_size=4, **DECODING
+    )
+    [evaluator] = evaluators.make_evaluators(
+        config.evals, model, OPENAI_MEAN, OPENAI_STD, mesh, TokenizerSpec()
+    )
+    images = evaluator.data.load(0, len(evaluator.data))
+    want = direct_captions(model, variables, images, **DECODING)
+    # References that the random model's captions partly match: image i's own
+    # caption for even i, a longer one for odd i, beside the shape's caption.
+    shapes_captions = evaluator.data.captions
+    references = [
+        [caption if i % 2 == 0 else f"{caption} at the top", shapes_captions[i]]
+        for i, caption in enumerate(want)
+    ]
+    evaluator.data = RetrievalSet(
+        evaluator.data.images,
+        [caption for refs in references for caption in refs],
+        np.repeat(np.arange(len(images)), 2),
+        {},
+        {},
+        "constructed",
+    )
+    with sharding.use_mesh(mesh):
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        # 11 images in batches of 8 (4 rounded up to the 8 batch shards): 3 padded.
+        assert evaluator.captions(variables) == want
+        results = evaluator.run(variables)
+    expected = caption_metrics(want, references)
+    assert results["cap/exact_match"] == pytest.approx(6 / 11)
+    for metric in evaluators.CAPTION_METRICS:
+        assert results[f"cap/{metric}"] == pytest.approx(expected[metric], abs=1e-12)
+    assert expected["bleu4"] > 0 and expected["cider"] > 0
