@@ -44,6 +44,20 @@ def test_refuses_captioning_for_a_model_that_is_not_coca():
         evaluators.check_model(config.evals, get_model_config("tiny-vit"), "tiny-vit")
 
 
+def test_standalone_evaluation_refuses_captioning_for_weights_not_coca(tmp_path):
+    # The config's model.name is a CoCa, the weights are not: the weights decide.
+    from convert_util import random_variables
+
+    from jaxclip.convert.files import Weights, save_openclip
+    from jaxclip.evaluate.standalone import evaluate_checkpoint
+
+    config = get_model_config("tiny-vit")
+    variables = random_variables(config, seed=0)
+    save_openclip(Weights(config, variables, "tiny-vit"), tmp_path / "clip")
+    with pytest.raises(ConfigError, match="evals.cap: .*needs a CoCa model"):
+        evaluate_checkpoint(captioning_config(), str(tmp_path / "clip"), [])
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [
