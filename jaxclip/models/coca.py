@@ -191,9 +191,18 @@ class CoCaTextTransformer(TextTransformer):
     Token rows may be shorter than `context_length` (captioning feeds prefixes)."""
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        position: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array] | jax.Array:
         """tokens int [batch, L <= context_length] -> (embedding [batch, output_dim],
-        text tokens [batch, L, width])."""
+        text tokens [batch, L, width]).
+
+        With `decode` (generation), the n tokens [batch, n] at `position` onwards ->
+        their text tokens [batch, n, width] (no CLS: causal attention keeps it from
+        the others), the keys and values cached; `mask` as in `decoding_mask`."""
         batch, length = tokens.shape
         if length > self.context_length:
             raise ValueError(
@@ -201,19 +210,24 @@ class CoCaTextTransformer(TextTransformer):
                 f"{self.context_length}"
             )
         token_embedding = self.token_embedding()
-        cls_emb = self.param(
-            "cls_emb", logical(nn.initializers.normal(0.01), ("embed",)), (self.width,)
-        )
         positional_embedding = self.param(
             "positional_embedding",
             logical(nn.initializers.normal(0.01), ("length", "embed")),
             (self.context_length + 1, self.width),
         )
+        transformer = tower_transformer(self, causal=False)
+        if self.decode:
+            rows = jax.lax.dynamic_slice_in_dim(positional_embedding, position, length)
+            x = token_embedding(tokens) + rows.astype(self.dtype)
+            return transformer(x, mask, position)
+        cls_emb = self.param(
+            "cls_emb", logical(nn.initializers.normal(0.01), ("embed",)), (self.width,)
+        )
         cls = jnp.broadcast_to(cls_emb.astype(self.dtype), (batch, 1, self.width))
         x = jnp.concatenate([token_embedding(tokens), cls], axis=1)
         x = x + positional_embedding[: length + 1].astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        x = tower_transformer(self, causal=False)(x, text_attention_mask(tokens))
+        x = transformer(x, text_attention_mask(tokens))
         pooled = layer_norm(x[:, -1], "ln_final", self.dtype, self.norm_eps)
         text_projection = self.param(
             "text_projection",
@@ -221,6 +235,18 @@ class CoCaTextTransformer(TextTransformer):
             (self.width, self.output_dim),
         )
         return pooled @ text_projection.astype(self.dtype), x[:, :-1]
+
+
+def decoding_mask(tokens: jax.Array) -> jax.Array:
+    """bool [batch, 1, L]: which of the L cached keys the text tower's queries may see
+    during generation, for the token buffer [batch, L] (the tokens so far, padding
+    after them): `text_attention_mask`'s padding rule (key 0 always, key j when token
+    j - 1 is not padding); causality comes from the positions."""
+    batch = tokens.shape[0]
+    valid = jnp.concatenate(
+        [jnp.ones((batch, 1), bool), tokens[:, :-1] != PAD_ID], axis=1
+    )
+    return valid[:, None, :]
 
 
 class DecoderLayer(nn.Module):
@@ -233,19 +259,27 @@ class DecoderLayer(nn.Module):
     dtype: Dtype
     num_layers: int
     norm_eps: float
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, image_tokens: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        image_tokens: jax.Array | None,
+        mask: jax.Array | None = None,
+        position: jax.Array | None = None,
+    ) -> tuple[jax.Array, None]:
         common = dict(
             act=self.act,
             mlp_ratio=self.mlp_ratio,
             dtype=self.dtype,
             num_layers=self.num_layers,
             norm_eps=self.norm_eps,
+            decode=self.decode,
         )
         x, _ = ResidualAttentionBlock(
             self.num_heads, causal=True, **common, name="resblocks"
-        )(x)
+        )(x, mask, position)
         return CrossAttentionBlock(self.num_heads, **common, name="cross_attn")(
             x, image_tokens
         )
@@ -262,11 +296,22 @@ class MultimodalDecoder(StackOptions):
     vocab_size: int
 
     @nn.compact
-    def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        image_tokens: jax.Array | None,
+        text_tokens: jax.Array,
+        mask: jax.Array | None = None,
+        position: jax.Array | None = None,
+    ) -> jax.Array:
         """image tokens [batch, n, width], text tokens [batch, L, width] ->
-        logits [batch, L, vocab_size]."""
+        logits [batch, L, vocab_size].
+
+        With `decode`: the text tokens at `position` onwards and `mask` [batch, 1,
+        cache_length] (all True: the decoder masks no padding, and the mask sizes
+        its cache); the first call's image tokens are cached, later calls pass
+        None."""
         for name, tokens in (("image", image_tokens), ("text", text_tokens)):
-            if tokens.shape[-1] != self.width:
+            if tokens is not None and tokens.shape[-1] != self.width:
                 raise ValueError(
                     f"{name} tokens are {tokens.shape[-1]} wide, the decoder "
                     f"{self.width}"
@@ -279,8 +324,14 @@ class MultimodalDecoder(StackOptions):
             self.dtype,
             self.num_layers,
             self.norm_eps,
+            self.decode,
             name="layers",
-        )(text_tokens.astype(self.dtype), image_tokens.astype(self.dtype))
+        )(
+            text_tokens.astype(self.dtype),
+            None if image_tokens is None else image_tokens.astype(self.dtype),
+            mask,
+            position,
+        )
         x = layer_norm(x, "ln_final", self.dtype, self.norm_eps)
         text_projection = self.param(
             "text_projection",
@@ -294,13 +345,17 @@ class MultimodalDecoder(StackOptions):
 class CoCa(nn.Module):
     """OpenCLIP's CoCa: the contrastive towers (`visual`, `text`), the captioning
     `text_decoder`, and the log temperature `logit_scale` (plus `logit_bias` with
-    `use_logit_bias`). Build it with `jaxclip.models.build.create_model`."""
+    `use_logit_bias`). Build it with `jaxclip.models.build.create_model`.
+
+    `cached=True` (`model.clone(cached=True)`, the same variables) is the generation
+    form: `decode_step` with a key/value cache (jaxclip/models/generate.py)."""
 
     config: ModelConfig
     use_logit_bias: bool = False
     dtype: Dtype = jnp.float32
     scan: bool = True
     remat: str = "none"
+    cached: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -319,7 +374,7 @@ class CoCa(nn.Module):
             attn_pooler_heads=decoder.attn_pooler_heads,
             **stack,
         )
-        self.text = CoCaTextTransformer(**text_fields(cfg), **stack)
+        self.text = CoCaTextTransformer(**text_fields(cfg), **stack, decode=self.cached)
         self.text_decoder = MultimodalDecoder(
             width=decoder.width,
             num_layers=decoder.layers,
@@ -328,6 +383,7 @@ class CoCa(nn.Module):
             act=cfg.act,
             mlp_ratio=decoder.mlp_ratio,
             **stack,
+            decode=self.cached,
         )
         set_up_temperature(self, CLIP_INIT_LOGIT_SCALE)
 
@@ -355,6 +411,32 @@ class CoCa(nn.Module):
     def decode(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
         """Image and text tokens -> next-token logits [batch, L, vocab_size]."""
         return self.text_decoder(image_tokens, text_tokens)
+
+    def decode_step(
+        self,
+        tokens: jax.Array,
+        position: jax.Array,
+        buffer: jax.Array,
+        image_tokens: jax.Array | None = None,
+    ) -> jax.Array:
+        """Generation (`cached=True`, apply with `mutable=["cache"]`): the next-token
+        logits [batch, n, vocab_size] after the n tokens [batch, n] at `position`
+        onwards, with the keys and values of the tokens before them cached.
+
+        `buffer` int [batch, cache_length] is the token buffer (the tokens so far,
+        padding after): it sizes the cache on the first call and gives the text
+        tower's padding mask (`decoding_mask`). The first call passes the image
+        tokens (`encode_image`), whose keys and values are cached; later calls None.
+        """
+        if not self.cached:
+            raise ValueError(
+                "decode_step needs the model's generation form: clone(cached=True)"
+            )
+        mask = decoding_mask(buffer)
+        text_tokens = self.text(tokens, mask, position)
+        return self.text_decoder(
+            image_tokens, text_tokens, jnp.ones_like(mask), position
+        )
 
     def __call__(
         self, images: jax.Array, tokens: jax.Array, train: bool = False

@@ -204,6 +204,10 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
     attn_std: float | None = None
     proj_std: float | None = None
+    # Generation (`decode_attention`): keys and values are kept in the `cache`
+    # collection; `cross` marks a cross-attention whose context is cached.
+    decode: bool = False
+    cross: bool = False
 
     @nn.compact
     def __call__(
@@ -211,12 +215,14 @@ class MultiHeadAttention(nn.Module):
         x: jax.Array,
         inputs_kv: jax.Array | None = None,
         mask: jax.Array | None = None,
+        position: jax.Array | None = None,
     ) -> jax.Array:
         """Self-attention over `x` [batch, length, width]; with `inputs_kv`, `x` holds
         the queries and `inputs_kv` [batch, length_kv, width] the keys and values.
 
         `mask`: bool [batch, length, length_kv], True where a query may attend (on top
-        of the causal mask, if any); every query must keep at least one key."""
+        of the causal mask, if any); every query must keep at least one key.
+        With `decode`, see `decode_attention` (`position`: the first query's)."""
         width = x.shape[-1]
         head_dim = head_width(width, self.num_heads)
         attn_std = self.attn_std or width**-0.5
@@ -242,7 +248,10 @@ class MultiHeadAttention(nn.Module):
         x = x.astype(self.dtype)
         kernel = in_proj_kernel.astype(self.dtype)
         bias = in_proj_bias.astype(self.dtype)
-        if inputs_kv is not None:
+        if self.decode:
+            out = self.decode_attention(x, inputs_kv, kernel, bias, mask, position)
+            out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
+        elif inputs_kv is not None:
             query = jnp.einsum("bld,dhk->blhk", x, kernel[:, 0]) + bias[0]
             key_value = jnp.einsum(
                 "bld,dthk->tblhk", inputs_kv.astype(self.dtype), kernel[:, 1:]
@@ -266,6 +275,62 @@ class MultiHeadAttention(nn.Module):
             out = constrain(out, ("batch", "length", "heads", "kv"))  # [b, l, h, k]
             out = jnp.einsum("blhk,hkd->bld", out, out_proj_kernel.astype(self.dtype))
         return out + out_proj_bias.astype(self.dtype)
+
+    def decode_attention(
+        self,
+        x: jax.Array,
+        inputs_kv: jax.Array | None,
+        kernel: jax.Array,
+        bias: jax.Array,
+        mask: jax.Array | None,
+        position: jax.Array | None,
+    ) -> jax.Array:
+        """Attention of the n new tokens `x` [batch, n, width] for generation, with the
+        keys and values kept in the `cache` collection (apply with
+        `mutable=["cache"]`); every cached array has the batch on its axis 0 (axis 1
+        once stacked over layers). Returns [batch, n, heads, head_dim].
+
+        Self-attention (causal by position): `mask` bool [batch, n, cache_length]
+        says which cached keys the queries may see besides causality, and its last
+        axis sizes the cache `key`/`value` [batch, cache_length, heads, head_dim],
+        zeros when first made. The new keys and values are written at `position`
+        (the first new token's), and query i sees the keys at positions up to
+        `position + i`.
+
+        Cross-attention (`cross`): the first call's context `inputs_kv` is projected
+        once into `cross_key`/`cross_value`; later calls read them (pass None)."""
+        query = jnp.einsum("bld,dhk->blhk", x, kernel[:, 0]) + bias[0]
+        if self.cross:
+
+            def project(name: str, index: int) -> jax.Array:
+                if inputs_kv is None:
+                    raise ValueError(
+                        f"the first decoding call needs the context ({name})"
+                    )
+                kv = jnp.einsum(
+                    "bld,dhk->blhk", inputs_kv.astype(self.dtype), kernel[:, index]
+                )
+                return kv + bias[index]
+
+            key = self.variable("cache", "cross_key", project, "cross_key", 1).value
+            value = self.variable(
+                "cache", "cross_value", project, "cross_value", 2
+            ).value
+            return dot_product_attention(query, key, value, causal=False)
+        if mask is None or position is None:
+            raise ValueError("cached self-attention needs a mask and a position")
+        batch, length = x.shape[:2]
+        cache_shape = (batch, mask.shape[-1], *query.shape[2:])
+        new = jnp.einsum("bld,dthk->tblhk", x, kernel[:, 1:]) + bias[1:, None, None]
+        cached = []
+        for name, values in (("key", new[0]), ("value", new[1])):
+            cache = self.variable("cache", name, jnp.zeros, cache_shape, self.dtype)
+            start = (0, position, 0, 0)
+            cache.value = jax.lax.dynamic_update_slice(cache.value, values, start)
+            cached.append(cache.value)
+        queries = position + jnp.arange(length)
+        causal = jnp.arange(cache_shape[1])[None, :] <= queries[:, None]
+        return dot_product_attention(query, *cached, causal=False, mask=mask & causal)
 
 
 def dot_product_attention(
@@ -427,10 +492,14 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     num_layers: int = 12  # only for the initialisation scale of residual projections
     norm_eps: float = LN_EPS
+    decode: bool = False  # generation: a key/value cache (`decode_attention`)
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        position: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         width = x.shape[-1]
         # OpenCLIP's text-tower init: residual projections shrink with depth.
@@ -438,8 +507,13 @@ class ResidualAttentionBlock(nn.Module):
         x = constrain(x, ("batch", "length", "embed"))
         y = layer_norm(x, "ln_1", self.dtype, self.norm_eps)
         y = MultiHeadAttention(
-            self.num_heads, self.causal, self.dtype, proj_std=proj_std, name="attn"
-        )(y, mask=mask)
+            self.num_heads,
+            self.causal,
+            self.dtype,
+            proj_std=proj_std,
+            decode=self.decode,
+            name="attn",
+        )(y, mask=mask, position=position)
         x = x + y
         y = layer_norm(x, "ln_2", self.dtype, self.norm_eps)
         y = Mlp(self.mlp_ratio, self.act, self.dtype, proj_std=proj_std, name="mlp")(y)
@@ -452,7 +526,8 @@ class CrossAttentionBlock(nn.Module):
     x + attn(ln_1(x), ln_1_kv(context)), then x + mlp(ln_2(x)).
 
     `context` [batch, length_kv, width] holds the keys and values (CoCa: the image
-    tokens); it has the queries' width."""
+    tokens); it has the queries' width. With `decode`, the first call's context is
+    projected once and cached; later calls pass None."""
 
     num_heads: int
     act: str = "gelu"
@@ -460,16 +535,25 @@ class CrossAttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     num_layers: int = 12  # only for the initialisation scale of residual projections
     norm_eps: float = LN_EPS
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None
+    ) -> tuple[jax.Array, None]:
         width = x.shape[-1]
         proj_std = width**-0.5 * (2 * self.num_layers) ** -0.5
         x = constrain(x, ("batch", "length", "embed"))
         query = layer_norm(x, "ln_1", self.dtype, self.norm_eps)
-        context = layer_norm(context, "ln_1_kv", self.dtype, self.norm_eps)
+        if context is not None:
+            context = layer_norm(context, "ln_1_kv", self.dtype, self.norm_eps)
         y = MultiHeadAttention(
-            self.num_heads, dtype=self.dtype, proj_std=proj_std, name="attn"
+            self.num_heads,
+            dtype=self.dtype,
+            proj_std=proj_std,
+            decode=self.decode,
+            cross=True,
+            name="attn",
         )(query, context)
         x = x + y
         y = layer_norm(x, "ln_2", self.dtype, self.norm_eps)
@@ -508,6 +592,8 @@ class StackOptions(nn.Module):
     scan: bool = True  # False: unroll the layer loop (faster steps on the CPU)
     remat: str = "none"  # a key of REMAT_POLICIES
     norm_eps: float = LN_EPS  # every LayerNorm of the tower
+    # generation: attention keeps a key/value cache (`MultiHeadAttention.decode`)
+    decode: bool = False
 
 
 def tower_transformer(tower: StackOptions, causal: bool) -> Transformer:
@@ -543,8 +629,14 @@ class Transformer(StackOptions):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """x [batch, length, width]; `mask` as in `ResidualAttentionBlock`."""
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        position: jax.Array | None = None,
+    ) -> jax.Array:
+        """x [batch, length, width]; `mask` as in `ResidualAttentionBlock`; with
+        `decode`, `mask` and `position` as in `MultiHeadAttention.decode_attention`."""
         stack = scanned(ResidualAttentionBlock, self, self.num_layers)
         x, _ = stack(
             self.num_heads,
@@ -554,21 +646,23 @@ class Transformer(StackOptions):
             self.dtype,
             self.num_layers,
             self.norm_eps,
+            self.decode,
             name="resblocks",
-        )(x, mask)
+        )(x, mask, position)
         return x
 
 
 def scanned(block: type[nn.Module], options: StackOptions, num_layers: int) -> Any:
     """`block` stacked `num_layers` times along a leading `layers` parameter axis, as
-    `options.scan` and `options.remat` ask. Its call is `(carry, broadcast) ->
-    (carry, None)`: the second argument (a mask, a context, None) is the same in every
-    layer."""
+    `options.scan` and `options.remat` ask. Its call is `(carry, *broadcast) ->
+    (carry, None)`: the other arguments (a mask, a context, a position, None) are the
+    same in every layer. A generation cache (the `cache` collection) is stacked like
+    the parameters."""
     if options.remat != "none":
         block = nn.remat(block, policy=remat_policy(options.remat), prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         in_axes=nn.broadcast,
         length=num_layers,

@@ -1,0 +1,342 @@
+"""Caption generation for CoCa: greedy, beam search, and top-k / top-p sampling.
+
+Everything runs in one jitted program with a key/value cache: the image is encoded
+once, its tokens' keys and values are projected once per decoder layer, and each new
+token runs the text tower and the decoder on that token alone, attending to the cached
+keys and values of the ones before it (`CoCa.decode_step`). The batch keeps whatever
+sharding its images have: every row decodes on the devices that hold it.
+
+    ids = generate(model, variables, images, method="beam", num_beams=6)
+    texts = ids_to_texts(ids)
+
+The options and their defaults are OpenCLIP's `CoCa.generate` where it has them
+(`seq_len=30`, `min_seq_len=5`; `Decoding`). Rows of the result hold the start
+token, the generated ids, the end token (always: the last position is forced to it),
+then padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxclip.data.tokenizer import EOT_TOKEN, SOT_TOKEN, default_tokenizer
+from jaxclip.data.transforms import normalize_images
+from jaxclip.models.coca import PAD_ID, CoCa
+
+METHODS = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How to generate.
+
+    - `method`: "greedy" (the most likely token each time), "beam" (beam search with
+      `num_beams` beams, a finished caption scored by its summed log probability over
+      its length, end token included, to the power `length_penalty`), or "sample"
+      (from the softmax of the logits over `temperature`, restricted to the `top_k`
+      most likely tokens (0: all) and to the smallest set whose probability reaches
+      `top_p` (1.0: all)).
+    - `max_len`: tokens per row, start and end tokens included (OpenCLIP's `seq_len`);
+      at most the model's context length.
+    - `min_len`: the end token is refused before this many tokens (start token
+      included; OpenCLIP's `min_seq_len`).
+    """
+
+    method: str = "greedy"
+    max_len: int = 30
+    min_len: int = 5
+    num_beams: int = 6
+    length_penalty: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    sot_id: int = SOT_TOKEN
+    eot_id: int = EOT_TOKEN
+    pad_id: int = PAD_ID
+
+    def check(self, context_length: int, vocab_size: int) -> None:
+        """Raise ValueError for options that cannot work with this model."""
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {METHODS}")
+        if not 2 <= self.max_len <= context_length:
+            problems.append(
+                f"max_len {self.max_len} must be in [2, context_length "
+                f"{context_length}]"
+            )
+        if not 0 <= self.min_len <= self.max_len:
+            problems.append(f"min_len {self.min_len} must be in [0, max_len]")
+        if self.num_beams < 1 or 2 * self.num_beams > vocab_size:
+            problems.append(f"num_beams {self.num_beams} must be in [1, vocab / 2]")
+        if not 0 <= self.top_k <= vocab_size:
+            problems.append(f"top_k {self.top_k} must be in [0, {vocab_size}]")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p {self.top_p} must be in (0, 1]")
+        if not self.temperature > 0.0:
+            problems.append(f"temperature {self.temperature} must be positive")
+        for name in ("sot_id", "eot_id", "pad_id"):
+            if not 0 <= getattr(self, name) < vocab_size:
+                problems.append(
+                    f"{name} {getattr(self, name)} is not in the vocabulary"
+                )
+        if problems:
+            raise ValueError("caption decoding: " + "; ".join(problems))
+
+
+def decoding_options(model: CoCa, **options: Any) -> Decoding:
+    """`Decoding(**options)`, checked against the model."""
+    if not isinstance(model, CoCa):
+        raise ValueError(
+            f"caption generation needs a CoCa model, not {type(model).__name__}"
+        )
+    decoding = Decoding(**options)
+    text = model.config.text
+    decoding.check(text.context_length, text.vocab_size)
+    return decoding
+
+
+def generate(
+    model: CoCa,
+    variables: dict[str, Any],
+    images: jax.Array,
+    *,
+    key: jax.Array | None = None,
+    **options: Any,
+) -> jax.Array:
+    """Token ids int32 [batch, max_len] of the captions of normalised images
+    [batch, H, W, 3] (see `Decoding` for `options`; `key` draws the samples of
+    `method="sample"`, default `jax.random.key(0)`). Call it inside `jax.jit`
+    (`make_generator` does), or it runs op by op."""
+    decoding = decoding_options(model, **options)
+    _, image_tokens = model.apply(variables, images, method=model.encode_image)
+    cached = model.clone(cached=True)
+    if decoding.method == "beam":
+        return _beam_search(cached, variables, image_tokens, decoding)
+    key = jax.random.key(0) if key is None else key
+    return _sample(cached, variables, image_tokens, decoding, key)
+
+
+def make_generator(
+    model: CoCa, mean: Sequence[float], std: Sequence[float], **options: Any
+) -> Callable[..., jax.Array]:
+    """`generate`, jitted, on uint8 images: `fn(variables, images, key=None) -> ids`
+    with images uint8 [n, S, S, 3], normalised on the device with `mean` and `std`."""
+    decoding_options(model, **options)  # refuse bad options now, not at the call
+    mean, std = tuple(mean), tuple(std)
+
+    @jax.jit
+    def generate_from_pixels(variables, images, key=None):
+        normalized = normalize_images(images, mean, std, model.dtype)
+        return generate(model, variables, normalized, key=key, **options)
+
+    return generate_from_pixels
+
+
+def ids_to_texts(
+    ids: Any, decode: Callable[[list[int]], str] | None = None
+) -> list[str]:
+    """The caption of each row of token ids: the ids between the start and the end
+    token, decoded (`decode`: default CLIP's BPE) and stripped."""
+    decode = decode or default_tokenizer().decode
+    texts = []
+    for row in np.asarray(ids).tolist():
+        if row and row[0] == SOT_TOKEN:
+            row = row[1:]
+        if EOT_TOKEN in row:
+            row = row[: row.index(EOT_TOKEN)]
+        texts.append(" ".join(decode(row).split()))
+    return texts
+
+
+# ---------------------------------------------------------------------------
+# The cache.
+# ---------------------------------------------------------------------------
+
+
+def _start(
+    cached: CoCa, variables: dict, image_tokens: jax.Array, decoding: Decoding
+) -> tuple[jax.Array, jax.Array, Any]:
+    """The token buffer [rows, max_len] (the start token, then padding), the logits
+    after the start token [rows, vocab], and the cache holding its keys and values
+    and the image tokens'."""
+    rows = image_tokens.shape[0]
+    buffer = jnp.full((rows, decoding.max_len), decoding.pad_id, jnp.int32)
+    buffer = buffer.at[:, 0].set(decoding.sot_id)
+    logits, mutated = cached.apply(
+        variables,
+        buffer[:, :1],
+        0,
+        buffer,
+        image_tokens,
+        method=cached.decode_step,
+        mutable=["cache"],
+    )
+    return buffer, logits[:, -1], mutated["cache"]
+
+
+def _step(
+    cached: CoCa, variables: dict, cache: Any, buffer: jax.Array, position: jax.Array
+) -> tuple[jax.Array, Any]:
+    """The logits after the token at `position` of the buffer [rows, vocab], and the
+    cache with its keys and values added."""
+    tokens = jax.lax.dynamic_slice_in_dim(buffer, position, 1, axis=1)
+    logits, mutated = cached.apply(
+        {**variables, "cache": cache},
+        tokens,
+        position,
+        buffer,
+        method=cached.decode_step,
+        mutable=["cache"],
+    )
+    return logits[:, -1], mutated["cache"]
+
+
+def _reorder_rows(cache: Any, rows: jax.Array) -> Any:
+    """The cache of the buffer rows `rows` (beam search): every cached array is
+    stacked over layers with the rows on its axis 1. The image tokens' keys and
+    values are the same for every beam of an image and stay as they are."""
+
+    def take(path, leaf):
+        if path[-1].key.startswith("cross_"):
+            return leaf
+        return jnp.take(leaf, rows, axis=1)
+
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+# ---------------------------------------------------------------------------
+# Choosing the next token.
+# ---------------------------------------------------------------------------
+
+
+def _allowed_logits(
+    logits: jax.Array, position: jax.Array, decoding: Decoding
+) -> jax.Array:
+    """float32 logits of the token at `position`: no end token before `min_len`,
+    and only the end token at the last position."""
+    logits = logits.astype(jnp.float32)
+    vocab = jnp.arange(logits.shape[-1])
+    is_end = vocab == decoding.eot_id
+    logits = jnp.where(is_end & (position < decoding.min_len), -jnp.inf, logits)
+    last = position == decoding.max_len - 1
+    return jnp.where(~is_end & last, -jnp.inf, logits)
+
+
+def _filtered(logits: jax.Array, decoding: Decoding) -> jax.Array:
+    """Sampling logits: over the temperature, the top-k and top-p kept (others -inf)."""
+    logits = logits / decoding.temperature
+    if decoding.top_k:
+        kth = jax.lax.top_k(logits, decoding.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if decoding.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the likelier tokens
+        kept = jnp.where(before < decoding.top_p, ordered, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _sample(
+    cached: CoCa,
+    variables: dict,
+    image_tokens: jax.Array,
+    decoding: Decoding,
+    key: jax.Array,
+) -> jax.Array:
+    """Greedy decoding or sampling: one token per row each step, padding once a row
+    has ended; stops when every row has."""
+    buffer, logits, cache = _start(cached, variables, image_tokens, decoding)
+    done = jnp.zeros(buffer.shape[0], bool)
+
+    def unfinished(carry) -> jax.Array:
+        position, done = carry[0], carry[4]
+        return (position < decoding.max_len) & ~jnp.all(done)
+
+    def next_token(carry):
+        position, buffer, logits, cache, done, key = carry
+        key, draw = jax.random.split(key)
+        logits = _allowed_logits(logits, position, decoding)
+        if decoding.method == "greedy":
+            token = jnp.argmax(logits, axis=-1)
+        else:
+            token = jax.random.categorical(draw, _filtered(logits, decoding))
+        token = jnp.where(done, decoding.pad_id, token).astype(jnp.int32)
+        buffer = buffer.at[:, position].set(token)
+        done = done | (token == decoding.eot_id)
+        logits, cache = _step(cached, variables, cache, buffer, position)
+        return position + 1, buffer, logits, cache, done, key
+
+    carry = (jnp.int32(1), buffer, logits, cache, done, key)
+    return jax.lax.while_loop(unfinished, next_token, carry)[1]
+
+
+def _beam_search(
+    cached: CoCa, variables: dict, image_tokens: jax.Array, decoding: Decoding
+) -> jax.Array:
+    """Beam search: each step extends every live beam of an image by every token,
+    keeps the 2k best extensions, moves those that end to the image's finished
+    captions (the k best by normalised score stay) and the k best others on as the
+    beams. An image is done once no live beam can beat its worst finished caption
+    (a bound that holds for `length_penalty` >= 0); the best finished caption of
+    each image is returned."""
+    beams, max_len = decoding.num_beams, decoding.max_len
+    buffer, logits, cache = _start(cached, variables, image_tokens, decoding)
+    batch, vocab = logits.shape
+    # k rows per image, beam-major within it; only beam 0 is live at first.
+    buffer = jnp.repeat(buffer, beams, axis=0)
+    logits = jnp.repeat(logits, beams, axis=0)
+    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=beams, axis=1), cache)
+    scores = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
+    scores = jnp.broadcast_to(scores, (batch, beams))
+    finished = jnp.full((batch, beams, max_len), decoding.pad_id, jnp.int32)
+    finished_scores = jnp.full((batch, beams), -jnp.inf)
+    first_row = jnp.arange(batch)[:, None] * beams
+
+    def unfinished(carry) -> jax.Array:
+        position, scores, finished_scores = carry[0], carry[4], carry[6]
+        length = max_len - 1 if decoding.length_penalty > 0 else position
+        best_live = scores[:, 0] / jnp.float32(length) ** decoding.length_penalty
+        done = finished_scores[:, -1] >= best_live
+        return (position < max_len) & ~jnp.all(done)
+
+    def extend(carry):
+        position, buffer, logits, cache, scores, finished, finished_scores = carry
+        logprobs = jax.nn.log_softmax(_allowed_logits(logits, position, decoding))
+        candidates = scores[..., None] + logprobs.reshape(batch, beams, vocab)
+        top, index = jax.lax.top_k(candidates.reshape(batch, -1), 2 * beams)
+        parent, token = index // vocab, (index % vocab).astype(jnp.int32)
+        ids = jnp.take_along_axis(
+            buffer.reshape(batch, beams, max_len), parent[..., None], axis=1
+        )
+        ids = jnp.where(jnp.arange(max_len) == position, token[..., None], ids)
+        ends = token == decoding.eot_id
+        # Finished captions: the k best of those kept and those ending now.
+        normalised = top / position.astype(jnp.float32) ** decoding.length_penalty
+        pooled = jnp.concatenate(
+            [finished_scores, jnp.where(ends, normalised, -jnp.inf)], axis=1
+        )
+        finished_scores, keep = jax.lax.top_k(pooled, beams)
+        finished = jnp.take_along_axis(
+            jnp.concatenate([finished, ids], axis=1), keep[..., None], axis=1
+        )
+        # Live beams: the k best extensions that do not end.
+        scores, keep = jax.lax.top_k(jnp.where(ends, -jnp.inf, top), beams)
+        buffer = jnp.take_along_axis(ids, keep[..., None], axis=1)
+        buffer = buffer.reshape(batch * beams, max_len)
+        rows = (first_row + jnp.take_along_axis(parent, keep, axis=1)).reshape(-1)
+        cache = _reorder_rows(cache, rows)
+        logits, cache = _step(cached, variables, cache, buffer, position)
+        return position + 1, buffer, logits, cache, scores, finished, finished_scores
+
+    carry = (jnp.int32(1), buffer, logits, cache, scores, finished, finished_scores)
+    finished = jax.lax.while_loop(unfinished, extend, carry)[5]
+    return finished[:, 0]
