@@ -20,10 +20,9 @@ from jaxclip.models.build import create_model, init_variables
 from jaxclip.models.registry import get_model_config
 
 
-def captioning_config(model_name: str = "tiny-coca", **fields):
-    """A config with one captioning entry; tiny-coca reads 12 tokens (max_len 30
-    is the default)."""
-    fields = {"max_len": 10, **fields}
+def captioning_config(model_name: str = "coca_ViT-B-32", **fields):
+    """A config with one captioning entry (nothing is built: the checks read the
+    registry)."""
     config = base_config()
     config.model.name = model_name
     config.evals.cap = evaluators.spec("captioning", "shapes", **fields)
@@ -72,8 +71,12 @@ def test_standalone_evaluation_refuses_captioning_for_weights_not_coca(tmp_path)
         ({"temperature": 0.0}, r"evals.cap.temperature=0.0 must be > 0"),
         ({"length_penalty": float("nan")}, r"evals.cap.length_penalty=nan"),
         ({"seed": -3}, r"evals.cap.seed=-3"),
-        # tiny-coca reads 12 tokens.
-        ({"max_len": 13}, r"evals.cap.max_len=13 is longer than the 12 tokens"),
+        # What depends on the model: generate's own check, named for the entry.
+        (
+            {"max_len": 77},
+            r"evals.cap: .*max_len 77 must be in \[2, context_length 76\]",
+        ),
+        ({"top_k": 50000}, r"evals.cap: .*top_k 50000 must be in \[0, 49408\]"),
     ],
 )
 def test_refuses_bad_decoding_options(fields, message):
@@ -81,10 +84,15 @@ def test_refuses_bad_decoding_options(fields, message):
         validate_evals_config(captioning_config(**fields))
 
 
+def test_refuses_a_coca_whose_vocabulary_lacks_the_clip_tokens():
+    # tiny-coca's 100-token vocabulary has no start token 49406 to decode from.
+    with pytest.raises(ConfigError, match=r"sot_id 49406 is not in the vocabulary"):
+        validate_evals_config(captioning_config("tiny-coca", max_len=10))
+
+
 def test_refuses_datasets_without_captions():
-    config = base_config()
-    config.model.name = "tiny-coca"
-    config.evals.cap = evaluators.spec("captioning", "digits")
+    config = captioning_config()
+    config.evals.cap.dataset = "digits"
     with pytest.raises(ConfigError, match=r"a captioning evaluator reads one of"):
         validate_evals_config(config)
 

@@ -88,6 +88,7 @@ from jaxclip.evaluate.zeroshot import (
 from jaxclip.models.build import Encoders, make_encoders
 from jaxclip.models.clip import CLIP
 from jaxclip.models.coca import CoCa
+from jaxclip.models.generate import METHODS, Decoding, ids_to_texts, make_generator
 from jaxclip.models.registry import ModelConfig
 
 # The registry of choices: each kind and the datasets it can read.
@@ -143,7 +144,6 @@ _DEFAULTS = {
     "temperature": 1.0,
     "seed": 0,  # sampling: batch i draws with fold_in(key(seed), i)
 }
-DECODING_METHODS = ("greedy", "beam", "sample")
 DECODING_FIELDS = (
     "method",
     "max_len",
@@ -169,7 +169,7 @@ _RULES = {
 # A captioning entry's decoding options (only its: a config saved before they existed
 # has entries without them). What depends on the model is checked in `check_model`.
 _CAPTIONING_RULES = {
-    "method": one_of(DECODING_METHODS),
+    "method": one_of(METHODS),
     "max_len": int_at_least(2),  # the start token and one more
     "min_len": NON_NEGATIVE_INT,
     "num_beams": POSITIVE_INT,
@@ -252,11 +252,11 @@ def check_model(
                 f"decoder writes the captions); {model_name!r} is not one "
                 "(docs/coca.md)"
             )
-        if entry.max_len > model.text.context_length:
-            raise ConfigError(
-                f"evals.{name}.max_len={entry.max_len} is longer than the "
-                f"{model.text.context_length} tokens {model_name!r} reads"
-            )
+        decoding = Decoding(**decoding_options(entry))
+        try:  # generate's own check: lengths, beams and top_k against the model
+            decoding.check(model.text.context_length, model.text.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"evals.{name}: {e}, for {model_name!r}") from None
 
 
 def _check_paths(entry: ml_collections.ConfigDict, where: str) -> None:
@@ -521,8 +521,6 @@ class Evaluator:
         ids = map_rows(
             generate, self.data.load, len(self.data), self.entry.batch_size, self.mesh
         )
-        from jaxclip.models.generate import ids_to_texts
-
         return ids_to_texts(ids)
 
     def _captioning(self, variables: Variables) -> dict[str, float]:
@@ -589,9 +587,6 @@ def make_evaluators(
     for name, entry in evals.items():
         generate = None
         if entry.kind == "captioning":
-            # Imported here: only captioning needs it.
-            from jaxclip.models.generate import make_generator
-
             generate = make_generator(model, mean, std, **decoding_options(entry))
         data = read_data(entry, image_size, context_length, tokenizer, seed)
         evaluators.append(
