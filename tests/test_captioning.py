@@ -125,13 +125,18 @@ def tiny_coca():
     return model, jax.device_get(init_variables(model, jax.random.key(1)))
 
 
-def direct_captions(model, variables, images, **options):
-    """`generate` on the whole set at once, on one device, decoded."""
+def direct_captioner(model, variables, **options):
+    """`captions(images, key=None)`: `generate` on uint8 `images` at once, on one
+    device, decoded."""
     from jaxclip.models.generate import generate, ids_to_texts
 
-    pixels = normalize_images(images, OPENAI_MEAN, OPENAI_STD, model.dtype, 255.0)
-    run = jax.jit(lambda v, x: generate(model, v, x, **options))
-    return ids_to_texts(run(variables, pixels))
+    run = jax.jit(lambda v, x, k: generate(model, v, x, key=k, **options))
+
+    def captions(images, key=None):
+        pixels = normalize_images(images, OPENAI_MEAN, OPENAI_STD, model.dtype, 255.0)
+        return ids_to_texts(run(variables, pixels, key))
+
+    return captions
 
 
 def test_scores_equal_the_metrics_of_generated_captions(tiny_coca):
@@ -145,7 +150,7 @@ def test_scores_equal_the_metrics_of_generated_captions(tiny_coca):
         config.evals, model, OPENAI_MEAN, OPENAI_STD, mesh, TokenizerSpec()
     )
     images = evaluator.data.load(0, len(evaluator.data))
-    want = direct_captions(model, variables, images, **DECODING)
+    want = direct_captioner(model, variables, **DECODING)(images)
     # References that the random model's captions partly match: image i's own
     # caption for even i, a longer one for odd i, beside the shape's caption.
     shapes_captions = evaluator.data.captions
@@ -171,3 +176,28 @@ def test_scores_equal_the_metrics_of_generated_captions(tiny_coca):
     for metric in evaluators.CAPTION_METRICS:
         assert results[f"cap/{metric}"] == pytest.approx(expected[metric], abs=1e-12)
     assert expected["bleu4"] > 0 and expected["cider"] > 0
+
+
+def test_sampling_draws_with_one_key_per_batch(tiny_coca):
+    # Batch i samples with fold_in(key(seed), i), whatever the mesh: the evaluator's
+    # captions equal generate's on one device, batch by batch (the last one padded).
+    model, variables = tiny_coca
+    mesh = sharding.make_mesh((8, 1, 1))
+    options = dict(method="sample", max_len=6, min_len=2, top_k=20, temperature=2.0)
+    config = base_config()
+    config.evals.cap = evaluators.spec(
+        "captioning", "shapes", num_examples=11, batch_size=8, seed=3, **options
+    )
+    [evaluator] = evaluators.make_evaluators(
+        config.evals, model, OPENAI_MEAN, OPENAI_STD, mesh, TokenizerSpec()
+    )
+    images = np.zeros((16, 32, 32, 3), np.uint8)
+    images[:11] = evaluator.data.load(0, 11)
+    captions, want = direct_captioner(model, variables, **options), []
+    for batch in range(2):
+        key = jax.random.fold_in(jax.random.key(3), batch)
+        want += captions(images[8 * batch : 8 * (batch + 1)], key)
+    with sharding.use_mesh(mesh):
+        variables = jax.device_put(variables, sharding.replicated(mesh))
+        assert evaluator.captions(variables) == want[:11]
+    assert len(set(want[:11])) > 1  # samples, not one caption for every image
