@@ -242,7 +242,8 @@ def check_model(
     evals: ml_collections.ConfigDict, model: ModelConfig, model_name: str
 ) -> None:
     """Refuse an evaluator the model evaluated cannot run (raises ConfigError):
-    captioning needs CoCa's text decoder, and captions that fit its context."""
+    captioning needs CoCa's text decoder, and decoding options `generate` can run
+    on it (lengths within its context, beams and top_k within its vocabulary)."""
     for name, entry in evals.items():
         if entry.kind != "captioning":
             continue
