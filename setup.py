@@ -54,6 +54,9 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # The COCO caption evaluation, reference for caption_metrics.py (its BLEU
+            # and CIDEr scorers are pure Python; only its tokenizer needs Java).
+            "pycocoevalcap",
             "matplotlib",
             "scikit-image",
             "tensorflow-datasets>=4.9.10",

@@ -358,13 +358,20 @@ def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) ->
         )
 
 
-def validate_evals_config(config: ml_collections.ConfigDict) -> None:
-    """The evaluators (`evals.*`) and the best-checkpoint metric."""
+def validate_evals_config(
+    config: ml_collections.ConfigDict, check_model: bool = True
+) -> None:
+    """The evaluators (`evals.*`) and the best-checkpoint metric; with `check_model`,
+    also what they need of `model.name` (standalone evaluation, whose model comes
+    from the weights, checks that once it has read them)."""
     # Imported here: the evaluators read datasets, which the rest of the config
     # (and `jaxclip.distributed`, before JAX starts) does not need.
     from jaxclip.evaluate import evaluators
 
     evaluators.validate(config.evals)
+    if check_model:
+        name = config.model.name
+        evaluators.check_model(config.evals, registry.get_model_config(name), name)
     check_fields(config, EVALS_RULES)
     best = config.checkpoint.best_metric
     if best and best.split("/")[0] not in config.evals:

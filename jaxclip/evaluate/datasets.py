@@ -436,6 +436,13 @@ class RetrievalSet(_ImageSet):
         self.skipped_captions = dict(skipped_captions)
         self.source = source
 
+    def captions_by_image(self) -> list[list[str]]:
+        """Each image's captions, in image order (a captioning evaluator's references)."""
+        by_image: list[list[str]] = [[] for _ in range(len(self))]
+        for caption, image in zip(self.captions, self.text_to_image.tolist()):
+            by_image[image].append(caption)
+        return by_image
+
     def __repr__(self) -> str:
         return (
             f"RetrievalSet({self.source!r}, images={len(self)}, "

@@ -9,7 +9,8 @@ together, and the embeddings are gathered so that every process ends with the sa
 [n, d] array. The last batch is padded and the padding dropped.
 
 Embeddings are row-wise functions of their inputs, so the result does not depend on
-how many processes or devices share the work.
+how many processes or devices share the work. `map_rows` is the same loop for any
+function of a batch that keeps its dtype (the captioning evaluator's token ids).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def embed_rows(
     process calls it only for the rows its own devices hold. `encode` is a jitted
     function of a global batch sharded over the mesh's batch axes.
     """
+    return map_rows(encode, load, num_rows, batch_size, mesh).astype(np.float32)
+
+
+def map_rows(
+    function: Callable[[jax.Array], jax.Array],
+    load: Callable[[int, int], np.ndarray],
+    num_rows: int,
+    batch_size: int,
+    mesh: Mesh,
+) -> np.ndarray:
+    """`function` over rows 0..num_rows-1 in global batches, as `embed_rows` (which
+    it serves), with the dtype `function` gives: e.g. generated token ids."""
     if num_rows < 1:
         raise ValueError("nothing to embed: the evaluation set is empty")
     batch = global_batch_size(batch_size, mesh)
@@ -60,10 +73,10 @@ def embed_rows(
             row_sharding,
             lambda index, block=block: block[_shift(index[0], first, batch)],
         )
-        # Dispatch now, gather later: the next share loads while this one embeds.
-        outputs.append((encode(rows), min(batch, num_rows - start)))
+        # Dispatch now, gather later: the next share loads while this one runs.
+        outputs.append((function(rows), min(batch, num_rows - start)))
     gathered = [_to_host(out)[:valid] for out, valid in outputs]
-    return np.concatenate(gathered).astype(np.float32)
+    return np.concatenate(gathered)
 
 
 def _local_rows(batch: int, mesh: Mesh) -> tuple[int, int]:

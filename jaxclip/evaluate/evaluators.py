@@ -9,6 +9,9 @@ a period.
     config.evals.coco = evaluators.spec(
         "retrieval", "karpathy", path="/data/coco/dataset_coco.json",
         data_dir="/data/coco")
+    config.evals.coco_captions = evaluators.spec(      # CoCa models
+        "captioning", "karpathy", path="/data/coco/dataset_coco.json",
+        data_dir="/data/coco", method="beam", batch_size=64)
 
 Results are named `<entry>/<metric>` (`imagenet/top1`, `coco/image_to_text/R@1`) and
 go to the console, TensorBoard and `metrics.jsonl`. `params='ema'` evaluates the
@@ -18,9 +21,9 @@ run's exponential moving average of the parameters instead of the parameters
     config.evals.imagenet_ema = evaluators.spec(
         "zeroshot", "folder", path="/data/imagenet/val", classnames="imagenet",
         params="ema", every_steps=5000)
- Every process runs every
-evaluator (each embeds its share of the images; see embed.py), and gets the same
-numbers.
+
+Every process runs every evaluator (each embeds, or captions, its share of the
+images; see embed.py), and gets the same numbers.
 
 Kinds:
 - `zeroshot`: top1, top5, mean_per_class_recall, with class embeddings from the
@@ -30,6 +33,12 @@ Kinds:
 - `linear_probe`: the CLIP paper's logistic regression on frozen image features of
   `train_split`, L2 strength chosen on a validation part of it, scored on `split`
   (linear_probe.py, in JAX).
+- `captioning` (CoCa models only): bleu4, cider (CIDEr-D) and exact_match of the
+  captions the model writes (jaxclip/models/generate.py, with the entry's decoding
+  options `method`, `max_len`, `min_len`, `num_beams`, `length_penalty`, `top_k`,
+  `top_p`, `temperature`, `seed`) against each image's references, scored as the COCO
+  caption evaluation does (caption_metrics.py). Its data: `shapes` (one caption per
+  image), `csv` or `karpathy` (all an image's captions).
 
 Datasets (`dataset`): `shapes` (the demo's held-out shapes), `digits` (scikit-learn's
 digits, split 'train' or 'test'), `tfds` (`path` = the dataset name, `data_dir`,
@@ -41,40 +50,53 @@ image root).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxclip import sharding
 from jaxclip.config_rules import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
     POSITIVE_INT,
     ConfigError,
     check_fields,
     int_at_least,
+    number,
     one_of,
 )
 from jaxclip.data import digits, shapes
 from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.evaluate import prompts
-from jaxclip.evaluate.datasets import ClassificationSet, RetrievalSet
-from jaxclip.evaluate.embed import embed_rows
+from jaxclip.evaluate.caption_metrics import caption_metrics
+from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
+from jaxclip.evaluate.embed import embed_rows, map_rows
 from jaxclip.evaluate.retrieval import retrieval_metrics
 from jaxclip.evaluate.zeroshot import (
     class_embeddings,
     classification_metrics,
     prompt_texts,
 )
-from jaxclip.models.build import Encoders
+from jaxclip.models.build import Encoders, make_encoders
+from jaxclip.models.clip import CLIP
+from jaxclip.models.coca import CoCa
+from jaxclip.models.generate import METHODS, Decoding, ids_to_texts, make_generator
+from jaxclip.models.registry import ModelConfig
 
 # The registry of choices: each kind and the datasets it can read.
 DATASETS_BY_KIND = {
     "zeroshot": ("shapes", "digits", "tfds", "folder", "csv"),
     "retrieval": ("csv", "karpathy"),
     "linear_probe": ("shapes", "digits", "tfds", "folder", "csv"),
+    "captioning": ("shapes", "csv", "karpathy"),
 }
 KINDS = tuple(DATASETS_BY_KIND)
 
@@ -82,7 +104,7 @@ KINDS = tuple(DATASETS_BY_KIND)
 LIST_FIELDS = ("classnames", "templates")  # spec() takes lists for these
 
 _DEFAULTS = {
-    "kind": "zeroshot",  # zeroshot | retrieval | linear_probe
+    "kind": "zeroshot",  # zeroshot | retrieval | linear_probe | captioning
     "dataset": "shapes",  # shapes | digits | tfds | folder | csv | karpathy
     # during training, every this many steps; 0: once, at the end; -1: off
     "every_steps": 0,
@@ -108,7 +130,32 @@ _DEFAULTS = {
     "train_split": "train",
     "train_path": "",
     "train_num_examples": 0,
+    # captioning (CoCa): how captions are decoded (jaxclip/models/generate.py):
+    # "greedy", "beam" (num_beams, length_penalty) or "sample" (top_k, top_p,
+    # temperature, seed); at most max_len tokens, start and end included, and at
+    # least min_len before the end
+    "method": "greedy",
+    "max_len": 30,
+    "min_len": 5,
+    "num_beams": 6,
+    "length_penalty": 1.0,
+    "top_k": 0,  # 0: no top-k cut
+    "top_p": 1.0,  # 1: no nucleus cut
+    "temperature": 1.0,
+    "seed": 0,  # sampling: batch i draws with fold_in(key(seed), i)
 }
+DECODING_FIELDS = (
+    "method",
+    "max_len",
+    "min_len",
+    "num_beams",
+    "length_penalty",
+    "top_k",
+    "top_p",
+    "temperature",
+)
+# What captioning reports (caption_metrics.py computes them).
+CAPTION_METRICS = ("bleu4", "cider", "exact_match")
 
 # Types and ranges of an entry's fields; what depends on the kind and dataset is
 # checked in `validate`.
@@ -118,6 +165,19 @@ _RULES = {
     "batch_size": POSITIVE_INT,
     "num_examples": int_at_least(0),
     "train_num_examples": int_at_least(0),
+}
+# A captioning entry's decoding options (only its: a config saved before they existed
+# has entries without them). What depends on the model is checked in `check_model`.
+_CAPTIONING_RULES = {
+    "method": one_of(METHODS),
+    "max_len": int_at_least(2),  # the start token and one more
+    "min_len": NON_NEGATIVE_INT,
+    "num_beams": POSITIVE_INT,
+    "length_penalty": number(math.isfinite, "must be a finite number"),
+    "top_k": NON_NEGATIVE_INT,
+    "top_p": number(lambda value: 0 < value <= 1, "must be in (0, 1]"),
+    "temperature": POSITIVE,
+    "seed": NON_NEGATIVE_INT,
 }
 _NEEDS_PATH = ("tfds", "folder", "csv", "karpathy")
 WEIGHTS = ("params", "ema")
@@ -164,6 +224,40 @@ def validate(evals: ml_collections.ConfigDict) -> None:
                 f"reads one of {list(datasets)}"
             )
         _check_paths(entry, where)
+        if entry.kind == "captioning":
+            _check_decoding(entry, where)
+
+
+def _check_decoding(entry: ml_collections.ConfigDict, where: str) -> None:
+    check_fields(entry, _CAPTIONING_RULES, prefix=f"{where}.")
+    if entry.min_len > entry.max_len:
+        raise ConfigError(
+            f"{where}.min_len={entry.min_len} must be at most "
+            f"{where}.max_len={entry.max_len} (the most tokens a caption has, "
+            "start and end included)"
+        )
+
+
+def check_model(
+    evals: ml_collections.ConfigDict, model: ModelConfig, model_name: str
+) -> None:
+    """Refuse an evaluator the model evaluated cannot run (raises ConfigError):
+    captioning needs CoCa's text decoder, and decoding options `generate` can run
+    on it (lengths within its context, beams and top_k within its vocabulary)."""
+    for name, entry in evals.items():
+        if entry.kind != "captioning":
+            continue
+        if not model.is_coca:
+            raise ConfigError(
+                f"evals.{name}: a captioning evaluator needs a CoCa model (its text "
+                f"decoder writes the captions); {model_name!r} is not one "
+                "(docs/coca.md)"
+            )
+        decoding = Decoding(**decoding_options(entry))
+        try:  # generate's own check: lengths, beams and top_k against the model
+            decoding.check(model.text.context_length, model.text.vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"evals.{name}: {e}, for {model_name!r}") from None
 
 
 def _check_paths(entry: ml_collections.ConfigDict, where: str) -> None:
@@ -265,6 +359,25 @@ def retrieval_set(entry: ml_collections.ConfigDict, image_size: int) -> Retrieva
     )
 
 
+def caption_set(
+    entry: ml_collections.ConfigDict, image_size: int, seed: int = 0
+) -> RetrievalSet:
+    """The images a captioning evaluator captions, with their reference captions: the
+    held-out shapes (one caption each), or a retrieval set's (several per image)."""
+    if entry.dataset != "shapes":
+        return retrieval_set(entry, image_size)
+    held_out = shapes.eval_set(seed, entry.num_examples or 1000, image_size)
+    count = len(held_out["captions"])
+    return RetrievalSet(
+        ArrayImages(held_out["images"]),
+        held_out["captions"],
+        np.arange(count),
+        {},
+        {},
+        "shapes",
+    )
+
+
 def default_templates(entry: ml_collections.ConfigDict) -> list[str]:
     """The prompts used when `templates` is empty: the dataset's own sentences for the
     built-in sets, the matching packaged set for CIFAR, else the CLIP paper's 80."""
@@ -290,7 +403,9 @@ class Evaluator:
 
     `tokens`: the prompts' tokens (zeroshot, class by class as `prompt_texts` orders
     them) or the captions' (retrieval), tokenized once here rather than at every run.
-    `train_data`: what a linear probe is fit on.
+    `train_data`: what a linear probe is fit on. `generate`: a captioning evaluator's
+    jitted `(variables, uint8 images, key) -> int32 ids [n, max_len]`
+    (`generate.make_generator` with the entry's decoding options).
     """
 
     def __init__(
@@ -302,10 +417,12 @@ class Evaluator:
         data: ClassificationSet | RetrievalSet,
         tokens: np.ndarray | None = None,
         train_data: ClassificationSet | None = None,
+        generate: Callable[..., jax.Array] | None = None,
     ):
         self.name, self.entry, self.mesh = name, entry, mesh
         self.encode_images, self.encode_texts = encoders
         self.data, self.tokens, self.train_data = data, tokens, train_data
+        self.generate = generate
 
     @property
     def every_steps(self) -> int:
@@ -344,6 +461,8 @@ class Evaluator:
             results = self._zeroshot(variables)
         elif self.entry.kind == "retrieval":
             results = self._retrieval(variables)
+        elif self.entry.kind == "captioning":
+            results = self._captioning(variables)
         else:
             results = self._linear_probe(variables)
         skipped = sum(self.data.skipped.values())
@@ -384,6 +503,33 @@ class Evaluator:
         # linear_probe names its metrics 'linear_probe/...'; the entry names them here.
         return {metric.split("/", 1)[-1]: value for metric, value in results.items()}
 
+    def captions(self, variables: Variables) -> list[str]:
+        """The generated caption of each image (captioning), the same on every
+        process: batches of `batch_size` images, sharded over the mesh's batch axes."""
+        batch_keys = None
+        if self.entry.method == "sample":
+            base = jax.random.key(self.entry.seed)
+            replicated = sharding.replicated(self.mesh)
+            batch_keys = (
+                jax.device_put(jax.random.fold_in(base, i), replicated)
+                for i in itertools.count()
+            )
+
+        def generate(images: jax.Array) -> jax.Array:
+            key = next(batch_keys) if batch_keys is not None else None
+            return self.generate(variables, images, key)
+
+        ids = map_rows(
+            generate, self.data.load, len(self.data), self.entry.batch_size, self.mesh
+        )
+        return ids_to_texts(ids)
+
+    def _captioning(self, variables: Variables) -> dict[str, float]:
+        scores = caption_metrics(
+            self.captions(variables), self.data.captions_by_image()
+        )
+        return {metric: scores[metric] for metric in CAPTION_METRICS}
+
 
 def _normalize(features: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(features, axis=-1, keepdims=True)
@@ -401,6 +547,8 @@ def read_data(
 ]:
     """What one entry's evaluator reads, once: `(data, tokens, train_data)` as
     `Evaluator` takes them (tokens of the prompts or captions; a probe's train set)."""
+    if entry.kind == "captioning":
+        return caption_set(entry, image_size, seed), None, None
     if entry.kind == "retrieval":
         data = retrieval_set(entry, image_size)
         return data, tokenizer(data.captions, context_length), None
@@ -421,27 +569,36 @@ def read_data(
 
 def make_evaluators(
     evals: ml_collections.ConfigDict,
-    encoders: Encoders,
+    model: CLIP | CoCa,
+    mean: Sequence[float],
+    std: Sequence[float],
     mesh: Mesh,
-    image_size: int,
-    context_length: int,
     tokenizer: TokenizerSpec,
     seed: int = 0,
 ) -> list[Evaluator]:
-    """One Evaluator per `config.evals` entry, in the config's order, its data read.
+    """One Evaluator per `config.evals` entry, in the config's order, its data read;
+    images are normalised with `mean` and `std` as the model was trained.
 
-    The entries must have passed `validate` (validate_config and
-    validate_evals_config run it before anything is built)."""
-    return [
-        Evaluator(
-            name,
-            entry,
-            encoders,
-            mesh,
-            *read_data(entry, image_size, context_length, tokenizer, seed),
+    The entries must have passed `validate` and `check_model` (validate_config and
+    validate_evals_config run them before anything is built)."""
+    encoders = make_encoders(model, mean, std)
+    image_size = model.config.vision.image_size
+    context_length = model.config.text.context_length
+    evaluators = []
+    for name, entry in evals.items():
+        generate = None
+        if entry.kind == "captioning":
+            generate = make_generator(model, mean, std, **decoding_options(entry))
+        data = read_data(entry, image_size, context_length, tokenizer, seed)
+        evaluators.append(
+            Evaluator(name, entry, encoders, mesh, *data, generate=generate)
         )
-        for name, entry in evals.items()
-    ]
+    return evaluators
+
+
+def decoding_options(entry: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A captioning entry's keyword arguments for `generate` (all but the key)."""
+    return {field: entry[field] for field in DECODING_FIELDS}
 
 
 def run_all(

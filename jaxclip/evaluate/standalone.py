@@ -18,10 +18,16 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
     from jaxclip.config import ConfigError, validate_evals_config
     from jaxclip.convert.files import load_weights
     from jaxclip.data.tokenizer import TokenizerSpec
-    from jaxclip.evaluate.evaluators import make_evaluators, run_all, weights_of
-    from jaxclip.models.build import create_model, make_encoders
+    from jaxclip.evaluate.evaluators import (
+        check_model,
+        make_evaluators,
+        run_all,
+        weights_of,
+    )
+    from jaxclip.models.build import create_model
 
-    validate_evals_config(config)
+    # The model is the weights', not model.name's: checked once they are read.
+    validate_evals_config(config, check_model=False)
     unknown = sorted(set(names) - set(config.evals.keys()))
     if unknown:
         raise ConfigError(
@@ -36,6 +42,7 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
         raise ConfigError(str(e)) from None
 
     weights = load_weights(checkpoint)
+    check_model(evals, weights.config, weights.name)
     ema_weights = None
     if any(weights_of(entry) == "ema" for entry in evals.values()):
         ema_weights = load_weights(checkpoint, ema=True)
@@ -49,12 +56,12 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
         variables = jax.device_put(weights.variables, sharding.replicated(mesh))
         evaluators = make_evaluators(
             evals,
+            model,
             # The pixels are normalised as the weights were trained, whatever the
             # config says.
-            make_encoders(model, weights.mean, weights.std),
+            weights.mean,
+            weights.std,
             mesh,
-            weights.config.vision.image_size,
-            weights.config.text.context_length,
             # The weights' own tokenizer where they carry one (an HF SigLIP
             # directory's), else the config's.
             weights.tokenizer

@@ -32,7 +32,6 @@ from jaxclip.data.tokenizer import TokenizerSpec
 from jaxclip.evaluate.evaluators import Evaluator, make_evaluators, run_all
 from jaxclip.models.build import (
     count_params,
-    make_encoders,
     model_from_config,
 )
 from jaxclip.models.clip import CLIP
@@ -412,10 +411,10 @@ def evaluators_for(
     """The config's evaluators (`config.evals`); their data is read here, once."""
     return make_evaluators(
         config.evals,
-        make_encoders(model, config.data.mean, config.data.std),
+        model,
+        config.data.mean,
+        config.data.std,
         mesh,
-        model.config.vision.image_size,
-        model.config.text.context_length,
         TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
         config.seed,
     )
