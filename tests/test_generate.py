@@ -75,7 +75,7 @@ def _next_logits_all(model):
     return logits
 
 
-def uncached_logprobs(model, variables, image_tokens, prefixes):
+def uncached_logprobs(model, variables, image_tokens, prefixes, end_last=True):
     """float64 log probabilities [n, vocab] of the token after each prefix (all
     prefixes of one length), with the decoding rules (no end token before MIN_LEN,
     only the end token at the last position); image tokens per row."""
@@ -85,7 +85,7 @@ def uncached_logprobs(model, variables, image_tokens, prefixes):
     length = prefixes.shape[1]
     if length < MIN_LEN:
         logits[:, EOT] = -np.inf
-    if length == MAX_LEN - 1:
+    if length == MAX_LEN - 1 and end_last:
         logits[:, np.arange(logits.shape[1]) != EOT] = -np.inf
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
@@ -170,7 +170,9 @@ def reference_beam_search(model, variables, images, beams, length_penalty):
             # Always `beams` rows (the first repeated): one compile per length.
             prefixes = [p for p, _ in live]
             prefixes += prefixes[:1] * (beams - len(prefixes))
-            logprobs = uncached_logprobs(model, variables, image_tokens, prefixes)
+            logprobs = uncached_logprobs(
+                model, variables, image_tokens, prefixes, end_last=False
+            )
             candidates = [
                 (score + logprobs[i, token], prefix + (token,))
                 for i, (prefix, score) in enumerate(live)
@@ -187,6 +189,9 @@ def reference_beam_search(model, variables, images, beams, length_penalty):
             best = candidates[0][0] / t**length_penalty
             if len(finished) == beams and finished[-1][0] >= best:
                 break
+        else:  # out of tokens: the live beams count too, scored over MAX_LEN
+            finished += [(s / MAX_LEN**length_penalty, ids) for ids, s in live]
+            finished.sort(key=lambda c: -c[0])
         best = finished[0][1]
         results.append(list(best) + [PAD] * (MAX_LEN - len(best)))
     return np.asarray(results)
@@ -201,10 +206,13 @@ def test_beam_search_equals_a_plain_beam_search(coca, beams, penalty):
 
 
 def test_one_beam_without_length_penalty_is_greedy(coca):
-    np.testing.assert_array_equal(
-        run(coca, method="beam", num_beams=1, length_penalty=0.0),
-        run(coca, method="greedy"),
-    )
+    """Up to the last position, where greedy decoding ends the caption and beam
+    search (as OpenCLIP's) keeps the live beam's token."""
+    beam = run(coca, method="beam", num_beams=1, length_penalty=0.0)
+    greedy = run(coca, method="greedy")
+    np.testing.assert_array_equal(beam[:, :-1], greedy[:, :-1])
+    ended = greedy[:, -1] == PAD
+    np.testing.assert_array_equal(beam[ended], greedy[ended])
 
 
 def test_sampling_filters(coca):

@@ -223,14 +223,16 @@ def _reorder_rows(cache: Any, rows: jax.Array) -> Any:
 
 
 def _allowed_logits(
-    logits: jax.Array, position: jax.Array, decoding: Decoding
+    logits: jax.Array, position: jax.Array, decoding: Decoding, end_last: bool = True
 ) -> jax.Array:
     """float32 logits of the token at `position`: no end token before `min_len`,
-    and only the end token at the last position."""
+    and (`end_last`) only the end token at the last position."""
     logits = logits.astype(jnp.float32)
     vocab = jnp.arange(logits.shape[-1])
     is_end = vocab == decoding.eot_id
     logits = jnp.where(is_end & (position < decoding.min_len), -jnp.inf, logits)
+    if not end_last:
+        return logits
     last = position == decoding.max_len - 1
     return jnp.where(~is_end & last, -jnp.inf, logits)
 
@@ -295,7 +297,9 @@ def _beam_search(
     others live on. An image is done, and its captions fixed, once it has k finished
     captions and the worst is at least the best extension's summed log probability
     over the current length to the power `length_penalty` (Hugging Face's default
-    `early_stopping=False` test). Returns each image's best finished caption."""
+    `early_stopping=False` test). At `max_len`, the live beams of an image not done
+    join its finished captions as they are (no end token), scored over `max_len`.
+    Returns each image's best finished caption."""
     beams, max_len = decoding.num_beams, decoding.max_len
     buffer, logits, cache = _start(cached, variables, image_tokens, decoding)
     batch, vocab = logits.shape
@@ -317,7 +321,8 @@ def _beam_search(
 
     def extend(carry):
         position, buffer, logits, cache, scores, finished, finished_scores, done = carry
-        logprobs = jax.nn.log_softmax(_allowed_logits(logits, position, decoding))
+        logits = _allowed_logits(logits, position, decoding, end_last=False)
+        logprobs = jax.nn.log_softmax(logits)
         candidates = scores[..., None] + logprobs.reshape(batch, beams, vocab)
         top, index = jax.lax.top_k(candidates.reshape(batch, -1), 2 * beams)
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
@@ -366,5 +371,15 @@ def _beam_search(
         finished_scores,
         done,
     )
-    finished = jax.lax.while_loop(unfinished, extend, carry)[5]
-    return finished[:, 0]
+    carry = jax.lax.while_loop(unfinished, extend, carry)
+    buffer, scores, finished, finished_scores, done = carry[1], *carry[4:]
+    # Images not done when the tokens ran out: their live beams are candidates too.
+    live_scores = scores / jnp.float32(max_len) ** decoding.length_penalty
+    pooled = jnp.concatenate(
+        [finished_scores, jnp.where(done[:, None], -jnp.inf, live_scores)], axis=1
+    )
+    best = jnp.argmax(pooled, axis=1)
+    candidates = jnp.concatenate(
+        [finished, buffer.reshape(batch, beams, max_len)], axis=1
+    )
+    return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0]
