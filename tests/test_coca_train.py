@@ -120,7 +120,9 @@ def _inputs(model):
     vocab = model.config.text.vocab_size
     for row, count in enumerate(rng.integers(3, length, BATCH)):
         tokens[row, :count] = rng.integers(1, vocab, count)
-    variables = model.init(jax.random.key(0), images[:2], tokens[:2])
+    # Initialised scanned (quicker to compile); the params are the same either way.
+    init = jax.jit(CoCa(model.config, scan=True).init)
+    variables = init(jax.random.key(0), images[:2], tokens[:2])
     params = {**variables["params"], "logit_scale": jnp.float32(2.5)}
     return {"params": params}, images, tokens
 
@@ -185,9 +187,12 @@ def test_gradcache_equals_one_pass(one_pass):
     config, model, (variables, images, tokens), want = one_pass
     want_loss, want_grads, want_out = want
     accum_steps = 4
-    mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
+    # One device, layers and micro-batches in lax.scan (the TPU's form; one body
+    # to compile): the params are the unrolled model's.
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    scanned = CoCa(model.config, scan=True)
     got_loss, got_grads, got_out = sharded_grads(
-        lambda v, i, t: gradcache_grads(config, model, v, i, t),
+        lambda v, i, t: gradcache_grads(config, scanned, v, i, t),
         mesh,
         variables,
         images,
@@ -204,7 +209,8 @@ def test_gradcache_equals_one_pass(one_pass):
 
 # --- A short run: the caption loss goes down; a crash and resume changes nothing.
 
-RUN_STEPS = 6
+RUN_STEPS = 4
+LOGGED = ("loss", "contrastive_loss", "caption_loss", "token_acc", "grad_norm")
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +230,7 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=prefix,
-        vocab_size=60,
+        vocab_size=36,
         pad_id=0,
         unk_id=1,
         bos_id=-1,
@@ -240,9 +246,7 @@ def _run_config(tokenizer: str):
             **COCA,
             "data.tokenizer": "sentencepiece",
             "data.tokenizer_model": tokenizer,
-            "train.batch_size": 8,
             "train.steps": RUN_STEPS,
-            "train.accum_steps": 2,
             "train.ema_decay": 0.9,
             "optim.lr": 3e-3,
             "checkpoint.every_steps": RUN_STEPS // 2,
@@ -252,9 +256,10 @@ def _run_config(tokenizer: str):
 
 
 def _metrics(workdir) -> dict[int, dict]:
+    """The logged loss terms by step."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    return {r["step"]: r for r in records if "caption_loss" in r}
+    return {r["step"]: {k: r[k] for k in LOGGED} for r in records if "loss" in r}
 
 
 def _final_state(config, workdir):
@@ -281,10 +286,8 @@ def test_a_coca_run_learns_checkpoints_and_resumes_exactly(
     assert sorted(metrics) == list(range(1, RUN_STEPS + 1))
     first, last = metrics[1], metrics[RUN_STEPS]
     assert last["caption_loss"] < first["caption_loss"] - 0.5, (first, last)
-    for record in metrics.values():
-        assert {"loss", "contrastive_loss", "token_acc"} <= set(record)
 
-    # Stopped after step 3's checkpoint, then run again: the same steps and state.
+    # Stopped after step 2's checkpoint, then run again: the same steps and state.
     resumed = tmp_path / "resumed"
     run_then_crash(
         lambda: train_and_evaluate(config, str(resumed)), monkeypatch, RUN_STEPS // 2
