@@ -165,14 +165,16 @@ def one_pass():
     return config, model, (variables, images, tokens), got
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_a_one_device_reference(one_pass):
     config, model, (variables, images, tokens), got = one_pass
     got_loss, got_grads, got_out = got
     device = jax.devices()[0]
     inputs = jax.device_put((variables["params"], images, tokens), device)
+    scanned = CoCa(model.config, scan=True)  # quicker to compile; the same params
     (want_loss, (contrastive, caption)), want_grads = jax.jit(
         jax.value_and_grad(
-            lambda p, i, t: _reference_loss(config, model, p, i, t), has_aux=True
+            lambda p, i, t: _reference_loss(config, scanned, p, i, t), has_aux=True
         )
     )(*inputs)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
@@ -327,3 +329,15 @@ def test_config_refuses_what_cannot_work(overrides, message):
 
 def test_config_accepts_a_coca_model():
     validate_config(tiny_config(overrides=COCA), check_data=False)
+
+
+@pytest.mark.slow
+def test_aot_compiles_a_coca_step_with_gradcache_for_tpu():
+    """`python -m jaxclip.aot`'s body takes a CoCa config (deviceless TPU compile)."""
+    pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
+    from jaxclip import aot
+
+    config = tiny_config(overrides={**COCA, "train.accum_steps": 2})
+    report = aot.compile_recipe(config, aot.topology_devices("v5e:2x2"), False)
+    assert report["model"] == "tiny-coca" and report["chips"] == 4
+    assert report["programs"]["train_step"]["temp_bytes"] > 0
