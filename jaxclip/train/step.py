@@ -168,7 +168,8 @@ def full_batch_grads(
     The gradients are those of `freeze.view(params)`, the trainable parameters (all
     of them unless `train.freeze` locks some). `patch_key` (`patch_dropout_key`)
     draws the patch dropout masks, one per row; `teacher_out`, a teacher's outputs
-    on the batch, adds the distillation term."""
+    on the batch, adds the distillation term. `model` is a CLIP or a CoCa
+    (`training_loss` adds CoCa's caption term)."""
     rows = jnp.arange(images.shape[0], dtype=jnp.int32)
     patch_keys = image_keys(patch_key, rows)
     params = variables["params"]
@@ -198,7 +199,7 @@ def full_batch_grads(
     )
 
 
-def trains_batch_stats(model: CLIP, locked: tuple[str, ...]) -> bool:
+def trains_batch_stats(model: nn.Module, locked: tuple[str, ...]) -> bool:
     """The model's `train` switch: off (BatchNorm in inference mode, with its running
     statistics, which stay as they are) when a ResNet image tower is locked whole;
     else on (the switch also turns on a ViT's patch dropout, locked or not)."""
@@ -226,7 +227,7 @@ def _split_micro(batch: jax.Array, accum_steps: int) -> jax.Array:
 
 def gradcache_grads(
     config: ml_collections.ConfigDict,
-    model: CLIP,
+    model: nn.Module,
     variables: dict[str, Any],
     images: jax.Array,
     tokens: jax.Array,
@@ -253,7 +254,10 @@ def gradcache_grads(
     2. Take the loss over the full batch, and its gradient with respect to the
        embeddings and the temperature (and bias): the negatives are the full batch's.
     3. Re-run each micro-batch under `jax.vjp` with its slice of the embedding
-       gradient as the cotangent, and sum the parameter gradients.
+       gradient as the cotangent, and sum the parameter gradients. A CoCa model's
+       caption loss is per token and needs no full batch: each micro-batch's
+       (over the whole batch's label count) joins its vjp, cotangent
+       `loss.caption_weight`, and the k of them add up to the one-pass term.
 
     Peak activation memory is one micro-batch's; the cost is one extra forward pass.
     The gradients are those of `freeze.view(params)` (locked parameters get none).
