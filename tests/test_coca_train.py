@@ -144,8 +144,10 @@ def _reference_loss(config, model, params, images, tokens):
     token_losses = (1 - smoothing) * nll - smoothing * jnp.mean(log_probs, -1)
     valid = labels != 0
     caption = jnp.sum(jnp.where(valid, token_losses, 0)) / jnp.sum(valid)
+    hits = (jnp.argmax(out["logits"], -1) == labels) & valid
+    accuracy = jnp.sum(hits) / jnp.sum(valid)
     loss = config.loss.clip_weight * contrastive
-    return loss + config.loss.caption_weight * caption, (contrastive, caption)
+    return loss + config.loss.caption_weight * caption, (contrastive, caption, accuracy)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_sharded_step_equals_a_one_device_reference(one_pass):
     device = jax.devices()[0]
     inputs = jax.device_put((variables["params"], images, tokens), device)
     scanned = CoCa(model.config, scan=True)  # quicker to compile; the same params
-    (want_loss, (contrastive, caption)), want_grads = jax.jit(
+    (want_loss, (contrastive, caption, accuracy)), want_grads = jax.jit(
         jax.value_and_grad(
             lambda p, i, t: _reference_loss(config, scanned, p, i, t), has_aux=True
         )
@@ -180,6 +182,7 @@ def test_sharded_step_equals_a_one_device_reference(one_pass):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     np.testing.assert_allclose(got_out["contrastive_loss"], contrastive, rtol=1e-5)
     np.testing.assert_allclose(got_out["caption_loss"], caption, rtol=1e-5)
+    np.testing.assert_allclose(got_out["token_acc"], accuracy, rtol=1e-6)
     assert set(got_grads) == {"visual", "text", "text_decoder", "logit_scale"}
     assert_grads_close(got_grads, jax.device_get(want_grads))
 
