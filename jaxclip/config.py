@@ -331,7 +331,7 @@ def validate_trainable_model(config: ml_collections.ConfigDict) -> None:
         for field in CAPTION_LOSS_FIELDS:
             if loss[field] != defaults[field]:
                 raise ConfigError(
-                    f"loss.{field}={loss[field]} weighs CoCa's caption loss, but "
+                    f"loss.{field}={loss[field]} is a setting of CoCa's loss, but "
                     f"model.name={name!r} is not a CoCa model: leave it at "
                     f"{defaults[field]}"
                 )

@@ -320,7 +320,7 @@ def test_a_coca_run_learns_checkpoints_and_resumes_exactly(
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"loss.caption_weight": 1.0}, "loss.caption_weight=1.0 weighs CoCa"),
+        ({"loss.caption_weight": 1.0}, "loss.caption_weight=1.0 is a setting of CoCa"),
         ({"loss.clip_weight": 2.0}, "'tiny-vit' is not a CoCa model"),
         ({"loss.label_smoothing": 0.1}, "loss.label_smoothing=0.1"),
         (
