@@ -96,6 +96,11 @@ def _loss_fields() -> ml_collections.ConfigDict:
     loss.name = "clip"  # clip (softmax) | siglip (sigmoid, adds a logit bias)
     loss.impl = "dense"  # dense (reference) | ring (memory-efficient, sharded)
     loss.chunk_size = 0  # ring: image rows per piece of a device's tile (0: all)
+    # CoCa models only (OpenCLIP's CoCaLoss): clip_weight x the contrastive loss plus
+    # caption_weight x the caption loss (token cross-entropy, label_smoothing as torch)
+    loss.clip_weight = 1.0
+    loss.caption_weight = 2.0
+    loss.label_smoothing = 0.0
     return loss
 
 
@@ -194,6 +199,7 @@ def _distributed_fields() -> ml_collections.ConfigDict:
 # --- Field rules: the types, ranges and choices, checked by `check_fields`.
 
 BEST_MODES = ("max", "min")
+CAPTION_LOSS_FIELDS = ("clip_weight", "caption_weight", "label_smoothing")
 
 
 def _is_rgb(value) -> bool:
@@ -232,6 +238,9 @@ FIELD_RULES: dict[str, Rule] = {
     "loss.name": one_of(LOSS_NAMES),
     "loss.impl": one_of(LOSS_IMPLS),
     "loss.chunk_size": NON_NEGATIVE_INT,
+    "loss.clip_weight": NON_NEGATIVE,
+    "loss.caption_weight": NON_NEGATIVE,
+    "loss.label_smoothing": number(lambda value: 0 <= value < 1, "must be in [0, 1)"),
     "data.source": one_of(DATA_SOURCES),
     "data.mean": Rule(_is_rgb, "must be 3 numbers (RGB)"),
     "data.std": Rule(_is_rgb, "must be 3 numbers (RGB)"),
@@ -312,13 +321,30 @@ def validate_config(
 
 
 def validate_trainable_model(config: ml_collections.ConfigDict) -> None:
-    """The trainer trains CLIP and SigLIP models; CoCa's captioning loss is not built
-    yet (its weights load, convert and run: docs/coca.md)."""
-    if registry.get_model_config(config.model.name).is_coca:
+    """The caption loss's fields (`loss.clip_weight`, `loss.caption_weight`,
+    `loss.label_smoothing`) are CoCa's: set away from their defaults for another
+    model, or both weights 0, they are refused; so is patch dropout on CoCa, whose
+    image tower has none."""
+    loss, name = config.loss, config.model.name
+    if not registry.get_model_config(name).is_coca:
+        defaults = _loss_fields()
+        for field in CAPTION_LOSS_FIELDS:
+            if loss[field] != defaults[field]:
+                raise ConfigError(
+                    f"loss.{field}={loss[field]} is a setting of CoCa's loss, but "
+                    f"model.name={name!r} is not a CoCa model: leave it at "
+                    f"{defaults[field]}"
+                )
+        return
+    if not (loss.clip_weight or loss.caption_weight):
         raise ConfigError(
-            f"model.name={config.model.name!r} is a CoCa model: jaxclip loads, "
-            "converts and runs it (docs/coca.md) but cannot train it yet (no "
-            "captioning loss); train a CLIP or SigLIP architecture"
+            "loss.clip_weight=0 and loss.caption_weight=0 leave CoCa nothing to "
+            "learn: set either above 0"
+        )
+    if config.model.patch_dropout:
+        raise ConfigError(
+            f"model.patch_dropout={config.model.patch_dropout}: CoCa's image tower "
+            f"has no patch dropout (model.name={name!r}); set it to 0"
         )
 
 

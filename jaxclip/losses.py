@@ -1,5 +1,6 @@
 """Contrastive losses: softmax (CLIP) and sigmoid (SigLIP), OpenCLIP's distillation
-loss (a student's softmax against a frozen teacher's), plus retrieval accuracy.
+loss (a student's softmax against a frozen teacher's), plus retrieval accuracy; and
+CoCa's caption loss (token cross-entropy, `caption_loss`).
 
 The losses take globally sharded, L2-normalised embeddings `[batch, dim]` and the
 learnable LOG of the logit scale. `impl` picks the implementation: "dense" builds the
@@ -249,6 +250,106 @@ def contrastive_accuracy(
     image_to_text = jnp.mean(jnp.argmax(similarities, axis=1) == targets)
     text_to_image = jnp.mean(jnp.argmax(similarities, axis=0) == targets)
     return image_to_text.astype(jnp.float32), text_to_image.astype(jnp.float32)
+
+
+# --- Caption loss (CoCa) ---------------------------------------------------------------
+#
+# The logits `[batch, length, vocab]` are the largest array of a CoCa step
+# (`[B, 75, 49408]`). Every statistic below is a reduction over the vocabulary that
+# XLA fuses with the float32 upcast, and the custom VJP keeps only the logits as they
+# came (bf16 or float32) and a `[batch, length]` log-sum-exp for the backward pass,
+# which builds the logits' gradient in one fused pass in their own dtype. Plain
+# autodiff of log_softmax would keep float32 `[B, L, vocab]` residuals instead.
+
+PAD_ID = 0  # OpenCLIP's CoCa pad id: labels equal to it are ignored
+
+
+def _label_mask(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """bool `[batch, length, vocab]`, True at each position's label (an iota compare
+    that XLA fuses into its consumer; no gather along a possibly sharded vocab)."""
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return vocab_ids == labels[..., None]
+
+
+def _token_losses_forward(logits, labels, label_smoothing):
+    """Per-token smoothed cross-entropy, float32 `[batch, length]`, and the
+    log-sum-exps its backward pass needs."""
+    logits32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits32, axis=-1)
+    label_logit = jnp.sum(jnp.where(_label_mask(logits, labels), logits32, 0.0), -1)
+    mean_logit = jnp.mean(logits32, axis=-1)
+    # torch's label smoothing: (1 - e) * -log p(label) + e * mean_j -log p(j)
+    losses = lse - (1.0 - label_smoothing) * label_logit - label_smoothing * mean_logit
+    return losses, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _token_losses(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float
+) -> jax.Array:
+    return _token_losses_forward(logits, labels, label_smoothing)[0]
+
+
+def _token_losses_fwd(logits, labels, label_smoothing):
+    losses, lse = _token_losses_forward(logits, labels, label_smoothing)
+    return losses, (logits, labels, lse)
+
+
+def _token_losses_bwd(label_smoothing, residuals, grad):
+    logits, labels, lse = residuals
+    vocab = logits.shape[-1]
+    # d loss / d logit_j = softmax_j - (1 - e) [j = label] - e / vocab
+    target = jnp.where(_label_mask(logits, labels), 1.0 - label_smoothing, 0.0)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    d_logits = (probs - target - label_smoothing / vocab) * grad[..., None]
+    return d_logits.astype(logits.dtype), None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def count_labels(tokens: jax.Array) -> jax.Array:
+    """The number of non-pad labels of token rows `[..., L]` (the labels are
+    `tokens[..., 1:]`), int32: the caption loss's denominator."""
+    return jnp.sum(tokens[..., 1:] != PAD_ID, dtype=jnp.int32)
+
+
+def caption_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    num_labels: jax.Array | int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """CoCa's caption loss and token accuracy, `(loss, accuracy)` float32 scalars.
+
+    `logits` `[batch, length, vocab]` (any float dtype; computed in float32) predict
+    `labels` int `[batch, length]`; labels equal to `PAD_ID` count for nothing. The
+    loss is the token cross-entropy with torch's `label_smoothing` (`(1 - e)` times
+    the label's, plus `e` times the mean over the vocabulary's), summed over the
+    non-pad labels and divided by `num_labels` (default: their count here), as
+    OpenCLIP's `CoCaLoss` (`CrossEntropyLoss(ignore_index=pad_id)`) over the global
+    batch. Accuracy is the fraction of non-pad labels that are the logits' argmax
+    (ties go to the lower id), over `num_labels` too. With the whole batch's count
+    as `num_labels`, micro-batches' results add up to the whole batch's.
+    """
+    if jnp.ndim(logits) != 3 or jnp.shape(logits)[:2] != jnp.shape(labels):
+        raise ValueError(
+            "logits must be [batch, length, vocab] and labels [batch, length], got "
+            f"shapes {jnp.shape(logits)} and {jnp.shape(labels)}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+    valid = labels != PAD_ID
+    if num_labels is None:
+        num_labels = jnp.sum(valid, dtype=jnp.int32)
+    # An all-pad batch has no labels: its loss is 0, not 0 / 0.
+    denominator = jnp.maximum(num_labels, 1).astype(jnp.float32)
+    losses = _token_losses(logits, labels, float(label_smoothing))
+    loss = jnp.sum(jnp.where(valid, losses, 0.0)) / denominator
+    hits = (jnp.argmax(logits, axis=-1) == labels) & valid
+    accuracy = jnp.sum(hits, dtype=jnp.float32) / denominator
+    return loss, accuracy
 
 
 # --- Ring implementations ------------------------------------------------------------

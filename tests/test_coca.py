@@ -13,11 +13,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from config_util import tiny_config
 from convert_util import random_variables
 
 from jaxclip import sharding
-from jaxclip.config import ConfigError, validate_config
 from jaxclip.convert import load_weights, openclip, save_openclip
 from jaxclip.convert.files import Weights
 from jaxclip.convert.tensors import write_safetensors
@@ -370,9 +368,3 @@ def test_mismatched_state_dict_is_refused():
     del state["text_decoder.cross_attn.1.ln_1_kv.weight"]
     with pytest.raises(ValueError, match="ln_1_kv"):
         openclip.from_openclip(state, config)
-
-
-def test_training_a_coca_model_is_refused_with_a_message():
-    config = tiny_config(overrides={"model.name": "tiny-coca"})
-    with pytest.raises(ConfigError, match="cannot train it yet"):
-        validate_config(config)

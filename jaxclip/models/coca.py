@@ -439,12 +439,20 @@ class CoCa(nn.Module):
         )
 
     def __call__(
-        self, images: jax.Array, tokens: jax.Array, train: bool = False
+        self,
+        images: jax.Array,
+        tokens: jax.Array,
+        train: bool = False,
+        patch_keys: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Unit-norm embeddings (float32), the log scale (and bias), and the caption
         logits [batch, L - 1, vocab] of OpenCLIP's teacher forcing: the text tokens of
         `tokens[:, :-1]` predict the labels `tokens[:, 1:]`. The logits stay in the
-        compute dtype (`[B, L, 49408]` is large); a loss upcasts them."""
+        compute dtype (`[B, L, 49408]` is large); a loss upcasts them. `patch_keys`
+        is the train step's (CLIP's patch dropout); CoCa has none, so it must be
+        None."""
+        if patch_keys is not None:
+            raise ValueError("CoCa has no patch dropout: patch_keys must be None")
         image_emb, image_tokens = self.encode_image(images, train=train)
         text_emb, text_tokens = self.encode_text(tokens)
         out = {

@@ -48,17 +48,21 @@ def contrastive_loss(
     )
 
 
-def training_loss(
+def embedding_loss(
     config: ml_collections.ConfigDict,
     out: dict[str, jax.Array],
     teacher_out: dict[str, jax.Array] | None = None,
+    coca: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss the step minimises, and its terms for the log: the contrastive loss,
-    plus `train.distill_weight` times the distillation term when a teacher's outputs
-    are given (`train.distill_from`, jaxclip/train/distill.py)."""
-    loss = contrastive_loss(config, out)
+    """The loss terms that read only the embeddings and the temperature, and their
+    values for the log: the contrastive loss (times `loss.clip_weight` for a CoCa
+    model), plus `train.distill_weight` times the distillation term when a teacher's
+    outputs are given (`train.distill_from`, jaxclip/train/distill.py)."""
+    contrastive = contrastive_loss(config, out)
+    loss = config.loss.clip_weight * contrastive if coca else contrastive
+    terms = {"contrastive_loss": contrastive} if coca else {}
     if teacher_out is None:
-        return loss, {}
+        return loss, terms
     distill = losses.distill_loss(
         out["image_emb"],
         out["text_emb"],
@@ -70,7 +74,43 @@ def training_loss(
         chunk_size=config.loss.chunk_size,
     )
     total = loss + config.train.distill_weight * distill
-    return total, {"contrastive_loss": loss, "distill_loss": distill}
+    return total, {"contrastive_loss": contrastive, "distill_loss": distill}
+
+
+def caption_terms(
+    config: ml_collections.ConfigDict,
+    logits: jax.Array,
+    tokens: jax.Array,
+    num_labels: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CoCa's caption loss (unweighted) of its logits `[b, L - 1, vocab]` against the
+    labels `tokens[:, 1:]`, and the log's `caption_loss` and `token_acc`. Both are
+    divided by `num_labels` (default: this batch's non-pad labels): GradCache passes
+    the whole batch's, so that its micro-batches' values add up."""
+    caption, accuracy = losses.caption_loss(
+        logits,
+        tokens[:, 1:],
+        label_smoothing=config.loss.label_smoothing,
+        num_labels=num_labels,
+    )
+    return caption, {"caption_loss": caption, "token_acc": accuracy}
+
+
+def training_loss(
+    config: ml_collections.ConfigDict,
+    out: dict[str, jax.Array],
+    teacher_out: dict[str, jax.Array] | None = None,
+    tokens: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss the step minimises, and its terms for the log: `embedding_loss`, and
+    for a CoCa model (its outputs hold the caption `logits`; `tokens` are the batch's
+    token ids) plus `loss.caption_weight` times the caption loss."""
+    coca = "logits" in out
+    loss, terms = embedding_loss(config, out, teacher_out, coca)
+    if not coca:
+        return loss, terms
+    caption, captions = caption_terms(config, out["logits"], tokens)
+    return loss + config.loss.caption_weight * caption, {**terms, **captions}
 
 
 # Patch dropout's masks come from the seed and the step (no RNG in the train state, so
@@ -128,7 +168,8 @@ def full_batch_grads(
     The gradients are those of `freeze.view(params)`, the trainable parameters (all
     of them unless `train.freeze` locks some). `patch_key` (`patch_dropout_key`)
     draws the patch dropout masks, one per row; `teacher_out`, a teacher's outputs
-    on the batch, adds the distillation term."""
+    on the batch, adds the distillation term. `model` is a CLIP or a CoCa
+    (`training_loss` adds CoCa's caption term)."""
     rows = jnp.arange(images.shape[0], dtype=jnp.int32)
     patch_keys = image_keys(patch_key, rows)
     params = variables["params"]
@@ -144,7 +185,7 @@ def full_batch_grads(
             mutable=["batch_stats"],
         )
         out = stop_locked_towers(out, locked)
-        loss, terms = training_loss(config, out, teacher_out)
+        loss, terms = training_loss(config, out, teacher_out, tokens)
         return loss, ({**out, **terms}, mutated)
 
     (loss, (out, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -158,7 +199,7 @@ def full_batch_grads(
     )
 
 
-def trains_batch_stats(model: CLIP, locked: tuple[str, ...]) -> bool:
+def trains_batch_stats(model: nn.Module, locked: tuple[str, ...]) -> bool:
     """The model's `train` switch: off (BatchNorm in inference mode, with its running
     statistics, which stay as they are) when a ResNet image tower is locked whole;
     else on (the switch also turns on a ViT's patch dropout, locked or not)."""
@@ -186,7 +227,7 @@ def _split_micro(batch: jax.Array, accum_steps: int) -> jax.Array:
 
 def gradcache_grads(
     config: ml_collections.ConfigDict,
-    model: CLIP,
+    model: nn.Module,
     variables: dict[str, Any],
     images: jax.Array,
     tokens: jax.Array,
@@ -213,7 +254,10 @@ def gradcache_grads(
     2. Take the loss over the full batch, and its gradient with respect to the
        embeddings and the temperature (and bias): the negatives are the full batch's.
     3. Re-run each micro-batch under `jax.vjp` with its slice of the embedding
-       gradient as the cotangent, and sum the parameter gradients.
+       gradient as the cotangent, and sum the parameter gradients. A CoCa model's
+       caption loss is per token and needs no full batch: each micro-batch's
+       (over the whole batch's label count) joins its vjp, cotangent
+       `loss.caption_weight`, and the k of them add up to the one-pass term.
 
     Peak activation memory is one micro-batch's; the cost is one extra forward pass.
     The gradients are those of `freeze.view(params)` (locked parameters get none).
@@ -229,6 +273,7 @@ def gradcache_grads(
     start_stats = variables.get("batch_stats", {})
     locked = freeze.locked_towers(params)
     train = trains_batch_stats(model, locked)
+    coca = model.config.is_coca
     accum_steps, micro_size = images.shape[:2]
     rows = None  # no patch dropout: nothing to draw
     if patch_key is not None:
@@ -236,8 +281,11 @@ def gradcache_grads(
     micro_batches = (images, tokens, rows)
     # The micro-batch loop unrolls wherever the model's own layers do (`use_scan`).
     unrolled = not model.scan
+    # CoCa's caption loss is per token: each micro-batch's is its token losses summed
+    # over the whole batch's count of labels, so the k of them add up to the loss.
+    num_labels = losses.count_labels(tokens) if coca else None
 
-    def embed(view, batch_stats, micro_batch):
+    def forward(view, batch_stats, micro_batch):
         micro_images, micro_tokens, micro_rows = micro_batch
         extra = {"batch_stats": batch_stats} if batch_stats else {}
         out, mutated = model.apply(
@@ -249,15 +297,15 @@ def gradcache_grads(
             mutable=["batch_stats"],
         )
         out = stop_locked_towers(out, locked)
-        embeddings = (out["image_emb"], out["text_emb"])
-        return embeddings, mutated.get("batch_stats", batch_stats)
+        return out, mutated.get("batch_stats", batch_stats)
 
     view = freeze.view(params)
 
-    # 1. Embeddings of all micro-batches; nothing is kept for a backward pass.
+    # 1. Embeddings of all micro-batches; nothing is kept for a backward pass (and
+    # CoCa's decoder, whose logits nothing reads here, is not run).
     def embed_step(batch_stats, micro_batch):
-        embeddings, batch_stats = embed(view, batch_stats, micro_batch)
-        return batch_stats, embeddings
+        out, batch_stats = forward(view, batch_stats, micro_batch)
+        return batch_stats, (out["image_emb"], out["text_emb"])
 
     batch_stats, embeddings = _loop(embed_step, start_stats, micro_batches, unrolled)
 
@@ -265,24 +313,54 @@ def gradcache_grads(
     temperature = {k: params[k] for k in TEMPERATURE_PARAMS if k in params}
     loss, terms, image_emb, text_emb, cotangents, d_temperature = (
         _full_batch_loss_grads(
-            config, embeddings, temperature, accum_steps, teacher_out
+            config, embeddings, temperature, accum_steps, teacher_out, coca
         )
     )
 
-    # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
-    # passed in only matter for their structure: training-mode BatchNorm normalises
-    # with the micro-batch's own statistics, exactly as in step 1.
-    def backward_step(grads, xs):
+    # 3. Back-propagate each micro-batch with its cached cotangent (and CoCa's
+    # caption loss, whose cotangent is its weight). The batch stats passed in only
+    # matter for their structure: training-mode BatchNorm normalises with the
+    # micro-batch's own statistics, exactly as in step 1.
+    def micro_outputs(view, micro_batch):
+        out, _ = forward(view, start_stats, micro_batch)
+        embeddings = (out["image_emb"], out["text_emb"])
+        if not coca:
+            return embeddings, {}
+        caption, captions = caption_terms(
+            config, out["logits"], micro_batch[1], num_labels
+        )
+        return (embeddings, caption), captions
+
+    def backward_step(carry, xs):
+        grads, sums = carry
         micro_batch, cotangent = xs
-        _, vjp_fn = jax.vjp(lambda v: embed(v, start_stats, micro_batch)[0], view)
+        _, vjp_fn, captions = jax.vjp(
+            lambda v: micro_outputs(v, micro_batch), view, has_aux=True
+        )
+        if coca:
+            cotangent = (cotangent, jnp.float32(config.loss.caption_weight))
         (micro_grads,) = vjp_fn(cotangent)
-        return jax.tree.map(jnp.add, grads, micro_grads), None
+        sums = jax.tree.map(jnp.add, sums, captions)
+        return (jax.tree.map(jnp.add, grads, micro_grads), sums), None
 
     zeros = jax.tree.map(jnp.zeros_like, view)
-    grads, _ = _loop(backward_step, zeros, (micro_batches, cotangents), unrolled)
+    no_captions = {}
+    if coca:
+        no_captions = {"caption_loss": jnp.float32(0), "token_acc": jnp.float32(0)}
+    (grads, captions), _ = _loop(
+        backward_step, (zeros, no_captions), (micro_batches, cotangents), unrolled
+    )
+    if coca:
+        loss = loss + config.loss.caption_weight * captions["caption_loss"]
     # The towers never touch the temperature; a locked one gets no gradient.
     grads = {**grads, **{k: v for k, v in d_temperature.items() if k in view}}
-    out = {"image_emb": image_emb, "text_emb": text_emb, **temperature, **terms}
+    out = {
+        "image_emb": image_emb,
+        "text_emb": text_emb,
+        **temperature,
+        **terms,
+        **captions,
+    }
     return loss, grads, out, batch_stats
 
 
@@ -292,14 +370,16 @@ def _full_batch_loss_grads(
     temperature: dict[str, jax.Array],
     accum_steps: int,
     teacher_out: dict[str, jax.Array] | None = None,
+    coca: bool = False,
 ):
     """GradCache's step 2: the loss over all micro-batches' embeddings `[k, B/k, d]`
-    and its gradients. Returns (loss, its terms, image and text embeddings `[B, d]`,
-    their gradients as micro-batches, the temperature's gradient)."""
+    (`embedding_loss`) and its gradients. Returns (loss, its terms, image and text
+    embeddings `[B, d]`, their gradients as micro-batches, the temperature's
+    gradient)."""
 
     def full_loss(image_emb, text_emb, temperature):
         out = {"image_emb": image_emb, "text_emb": text_emb, **temperature}
-        return training_loss(config, out, teacher_out)
+        return embedding_loss(config, out, teacher_out, coca)
 
     image_emb, text_emb = (_merge_micro(e) for e in micro_embeddings)
     (loss, terms), (d_image, d_text, d_temperature) = jax.value_and_grad(
@@ -450,6 +530,10 @@ def teacher_outputs(
     }
 
 
+# The loss's terms the step logs when the loss has them (distillation, CoCa).
+LOGGED_TERMS = ("contrastive_loss", "distill_loss", "caption_loss", "token_acc")
+
+
 def apply_gradients(
     config: ml_collections.ConfigDict,
     tx: optax.GradientTransformation,
@@ -495,7 +579,7 @@ def apply_gradients(
     )
     metrics = {
         "loss": loss,
-        **{k: out[k] for k in ("contrastive_loss", "distill_loss") if k in out},
+        **{k: out[k] for k in LOGGED_TERMS if k in out},
         "i2t_acc": i2t,
         "t2i_acc": t2i,
         "logit_scale": jnp.exp(out["logit_scale"]),
