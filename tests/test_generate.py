@@ -77,18 +77,20 @@ def _next_logits_all(model):
 
 def uncached_logprobs(model, variables, image_tokens, prefixes, end_last=True):
     """float64 log probabilities [n, vocab] of the token after each prefix (all
-    prefixes of one length), with the decoding rules (no end token before MIN_LEN,
-    only the end token at the last position); image tokens per row."""
+    prefixes of one length), then the decoding rules (no end token before MIN_LEN,
+    only the end token at the last position with `end_last`), as Hugging Face
+    applies them: after the normalisation; image tokens per row."""
     prefixes = jnp.asarray(prefixes, jnp.int32)
     logits = _next_logits(model)(variables, image_tokens, prefixes)
     logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     length = prefixes.shape[1]
     if length < MIN_LEN:
-        logits[:, EOT] = -np.inf
+        logprobs[:, EOT] = -np.inf
     if length == MAX_LEN - 1 and end_last:
-        logits[:, np.arange(logits.shape[1]) != EOT] = -np.inf
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        logprobs[:, np.arange(logprobs.shape[1]) != EOT] = -np.inf
+    return logprobs
 
 
 def image_tokens_of(model, variables, images):
@@ -156,8 +158,9 @@ def test_cached_step_logits_equal_the_full_forward_pass(coca):
 def reference_beam_search(model, variables, images, beams, length_penalty):
     """Plain beam search per image on uncached float64 log probabilities, with
     Hugging Face's `BeamSearchScorer` rules: extend every live beam by every token and
-    rank the 2k best; one that ends joins the finished captions (score / tokens
-    before the end ** penalty, the k best kept) if it ranks in the first k; the k
+    rank the 2k best; one that ends joins the finished captions (score / its length,
+    start and end tokens included, ** penalty; the k best kept) if it ranks in the
+    first k; the k
     best others stay live; stop once k captions are finished and the worst is at
     least the best extension's score / the current length ** penalty."""
     all_image_tokens = image_tokens_of(model, variables, images)
@@ -183,10 +186,10 @@ def reference_beam_search(model, variables, images, beams, length_penalty):
             candidates = candidates[: 2 * beams]
             for rank, (score, ids) in enumerate(candidates):
                 if ids[-1] == EOT and rank < beams:
-                    finished.append((score / t**length_penalty, ids))
+                    finished.append((score / (t + 1) ** length_penalty, ids))
             finished = sorted(finished, key=lambda c: -c[0])[:beams]
             live = [(ids, s) for s, ids in candidates if ids[-1] != EOT][:beams]
-            best = candidates[0][0] / t**length_penalty
+            best = candidates[0][0] / (t + 1) ** length_penalty
             if len(finished) == beams and finished[-1][0] >= best:
                 break
         else:  # out of tokens: the live beams count too, scored over MAX_LEN

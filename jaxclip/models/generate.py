@@ -39,8 +39,8 @@ class Decoding:
 
     - `method`: "greedy" (the most likely token each time), "beam" (beam search with
       `num_beams` beams, Hugging Face's rules: a finished caption is scored by its
-      summed log probability over its length, the start token included and the end
-      token not, to the power `length_penalty`; `_beam_search`), or "sample"
+      summed log probability over its length (start and end tokens included) to
+      the power `length_penalty`; `_beam_search`), or "sample"
       (from the softmax of the logits over `temperature`, restricted to the `top_k`
       most likely tokens (0: all) and to the smallest set whose probability reaches
       `top_p` (1.0: all)).
@@ -296,7 +296,7 @@ def _beam_search(
     if it ranks in the first k (the k best by normalised score are kept), the k best
     others live on. An image is done, and its captions fixed, once it has k finished
     captions and the worst is at least the best extension's summed log probability
-    over the current length to the power `length_penalty` (Hugging Face's default
+    over its length to the power `length_penalty` (Hugging Face's default
     `early_stopping=False` test). At `max_len`, the live beams of an image not done
     join its finished captions as they are (no end token), scored over `max_len`.
     Returns each image's best finished caption."""
@@ -321,8 +321,9 @@ def _beam_search(
 
     def extend(carry):
         position, buffer, logits, cache, scores, finished, finished_scores, done = carry
-        logits = _allowed_logits(logits, position, decoding, end_last=False)
-        logprobs = jax.nn.log_softmax(logits)
+        # Normalised before the end token is refused, as Hugging Face's `generate`.
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        logprobs = _allowed_logits(logprobs, position, decoding, end_last=False)
         candidates = scores[..., None] + logprobs.reshape(batch, beams, vocab)
         top, index = jax.lax.top_k(candidates.reshape(batch, -1), 2 * beams)
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
@@ -331,8 +332,9 @@ def _beam_search(
         )
         ids = jnp.where(jnp.arange(max_len) == position, token[..., None], ids)
         ends = token == decoding.eot_id
-        # Finished captions: the k best of those kept and those ending now.
-        length = position.astype(jnp.float32) ** decoding.length_penalty
+        # Finished captions: the k best of those kept and those ending now, scored
+        # over their length (start and end tokens included).
+        length = (position + 1).astype(jnp.float32) ** decoding.length_penalty
         joins = ends & in_first_k & ~done[:, None]
         pooled = jnp.concatenate(
             [finished_scores, jnp.where(joins, top / length, -jnp.inf)], axis=1
