@@ -127,9 +127,12 @@ def test_recipes_load_and_build(tmp_path, monkeypatch):
     # A SigLIP-style tokenizer directory, for the recipes that name one.
     siglip_dir = tiny_siglip2.make(tmp_path / "tiny-siglip2")
     monkeypatch.chdir(tmp_path)  # each finds configs/common.py beside it, from any cwd
-    for name in ("demo", "vit_b32", "vit_b16", "vit_l14", "rn50", "siglip_b16"):
+    recipes = ("demo", "coca_demo", "vit_b32", "vit_b16", "vit_l14", "rn50")
+    for name in (*recipes, "siglip_b16", "coca_b32"):
         config = recipe(name)
-        if name != "demo":  # as `python -m jaxclip.aot` checks them for v5p:4x4x4
+        if not name.endswith(
+            "demo"
+        ):  # as `python -m jaxclip.aot` checks them for v5p:4x4x4
             validate_config(config, num_devices=64, check_data=False)
         config.data.source = "shapes"  # real data sources come with the data pipeline
         if name == "siglip_b16":
@@ -141,10 +144,12 @@ def test_recipes_load_and_build(tmp_path, monkeypatch):
         validate_config(config)
         counts = parameter_counts(create_model(config.model.name, sharded=False))
         assert counts["total"] > 0
-        if name != "demo":
+        if not name.endswith("demo"):
             assert config.train.batch_size == 32768
             assert (config.optim.b1, config.optim.eps) == (0.9, 1e-6)
     assert recipe("siglip_b16").loss.name == "siglip"
+    coca = recipe("coca_b32")
+    assert (coca.loss.clip_weight, coca.loss.caption_weight) == (1.0, 2.0)
     # The fine-tuning recipe takes its architecture, weights and tokenizer from the
     # directory it starts from, and needs one.
     config = recipe("siglip2_finetune", siglip_dir)

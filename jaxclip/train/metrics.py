@@ -119,10 +119,23 @@ def _summary_writer(directory: str) -> Any:
     return SummaryWriter(directory)
 
 
+# The train step's scalars a progress line shows, where the step logs them.
+CONSOLE_SCALARS = (
+    "loss",
+    "caption_loss",
+    "token_acc",
+    "distill_loss",
+    "i2t_acc",
+    "t2i_acc",
+    "logit_scale",
+    "lr",
+)
+
+
 def format_line(step: int, total_steps: int, scalars: dict[str, Any]) -> str:
     """One human-readable progress line."""
     parts = [f"step {step}/{total_steps}"]
-    for name in ("loss", "distill_loss", "i2t_acc", "t2i_acc", "logit_scale", "lr"):
+    for name in CONSOLE_SCALARS:
         if name in scalars:
             parts.append(f"{name} {scalars[name]:.4g}")
     if "samples_per_sec" in scalars:
