@@ -12,7 +12,13 @@ import pytest
 from train_util import example_tokens
 
 from jaxclip.models import CLIP, get_model_config
-from jaxclip.models.registry import ModelConfig, TextConfig, VisionConfig
+from jaxclip.models.coca import CoCa
+from jaxclip.models.registry import (
+    DecoderConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
 from jaxclip.train import mfu
 
 
@@ -40,6 +46,37 @@ def test_xla_flop_count_matches_the_analytic_formula():
     counted = mfu.cost_flops(lowered.compile())
     analytic = mfu.analytic_flops(config, batch)
     assert abs(counted / analytic - 1) < 0.1, (counted, analytic)
+
+
+def test_xla_flop_count_matches_the_analytic_formula_for_coca():
+    # CoCa adds the attentional pooler, the text tower's CLS position and the
+    # decoder (self- and cross-attention, the projection to the vocabulary).
+    config = ModelConfig(
+        256,
+        VisionConfig(64, 2, 256, patch_size=16),
+        TextConfig(context_length=32, width=256, heads=4, layers=2, vocab_size=4096),
+        decoder=DecoderConfig(
+            width=256, heads=4, layers=2, n_queries=16, attn_pooler_heads=4
+        ),
+    )
+    model = CoCa(config, scan=False)
+    batch = 8
+    images = jnp.zeros((batch, 64, 64, 3))
+    tokens = jnp.asarray(example_tokens(batch, 32))
+    params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
+
+    def loss(params, images, tokens):
+        out = model.apply(params, images, tokens)
+        logits = out["image_emb"] @ out["text_emb"].T
+        captions = jnp.sum(jax.nn.log_softmax(out["logits"]))
+        return jnp.sum(jax.nn.log_softmax(logits)) + captions
+
+    lowered = jax.jit(jax.grad(loss)).lower(params, images, tokens)
+    counted = mfu.cost_flops(lowered.compile())
+    analytic = mfu.analytic_flops(config, batch)
+    assert abs(counted / analytic - 1) < 0.1, (counted, analytic)
+    per_sample = mfu.forward_flops_per_sample(config)
+    assert per_sample["decoder"] > per_sample["image"]
 
 
 def test_peak_table_and_override():

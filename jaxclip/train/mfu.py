@@ -137,11 +137,42 @@ def map_head_flops(tokens: int, width: int, mlp_ratio: float) -> float:
     return flops + 2 * 2 * width * int(width * mlp_ratio)
 
 
+def attention_pool_flops(queries: int, tokens: int, width: int, context: int) -> float:
+    """Attention of `queries` query tokens `width` wide over `tokens` tokens `context`
+    wide (CoCa's pooler and cross-attention): q and output projections, k and v over
+    the context, scores and weighted values."""
+    flops = 2 * 2 * queries * width * width  # q and out projections
+    flops += 2 * tokens * context * 2 * width  # k, v
+    return flops + 2 * 2 * queries * tokens * width
+
+
+def coca_flops(config: ModelConfig, image_tokens: int) -> dict[str, float]:
+    """CoCa's forward FLOPs per sample beyond CLIP's towers: the attentional pooler
+    (`image`: its `n_queries` over the ViT's `image_tokens`, and `proj`), the text
+    tower's extra CLS position (`text`), and the decoder over `context_length - 1`
+    tokens with its cross-attention to `n_queries - 1` image tokens and the
+    projection to the vocabulary (`decoder`)."""
+    vision, text, decoder = config.vision, config.text, config.decoder
+    d, queries = config.embed_dim, decoder.n_queries
+    pooler = attention_pool_flops(queries, image_tokens, d, vision.width)
+    pooler += 2 * d * d  # proj of query 0
+    length = text.context_length - 1
+    decoder_flops = transformer_flops(length, d, decoder.layers, 4.0)  # OpenCLIP: 4x
+    per_layer = attention_pool_flops(length, queries - 1, d, d)
+    per_layer += length * 2 * 2 * 4.0 * d * d  # the cross block's MLP
+    decoder_flops += decoder.layers * per_layer + 2 * length * d * text.vocab_size
+    cls = transformer_flops(
+        text.context_length + 1, text.width, text.layers, text.mlp_ratio
+    ) - transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    return {"image": pooler, "text": cls, "decoder": decoder_flops}
+
+
 def forward_flops_per_sample(
     config: ModelConfig, patch_dropout: float = 0.0
 ) -> dict[str, float]:
-    """Analytic forward FLOPs of one image and one text: {'image', 'text'}; with
-    `patch_dropout`, a training image's (its ViT sees only the kept patches)."""
+    """Analytic forward FLOPs of one image and one text: {'image', 'text'}, and
+    'decoder' for CoCa; with `patch_dropout`, a training image's (its ViT sees only
+    the kept patches)."""
     vision, text = config.vision, config.text
     if vision.is_resnet:
         image = resnet_flops(
@@ -157,13 +188,17 @@ def forward_flops_per_sample(
         )
         if vision.pool == "map":
             image += map_head_flops(tokens, vision.width, vision.mlp_ratio)
-        else:
+        elif not config.is_coca:
             image += 2 * vision.width * config.embed_dim
     text_flops = transformer_flops(
         text.context_length, text.width, text.layers, text.mlp_ratio
     )
     text_flops += 2 * text.width * config.embed_dim
-    return {"image": float(image), "text": float(text_flops)}
+    flops = {"image": float(image), "text": float(text_flops)}
+    if config.is_coca:
+        extra = coca_flops(config, tokens)
+        flops = {part: flops.get(part, 0.0) + float(extra[part]) for part in extra}
+    return flops
 
 
 def analytic_flops(
@@ -176,6 +211,6 @@ def analytic_flops(
     contrastive loss's logits are a [B, B] matmul over `embed_dim`.
     """
     per_sample = forward_flops_per_sample(config, patch_dropout)
-    forward = batch_size * (per_sample["image"] + per_sample["text"])
+    forward = batch_size * sum(per_sample.values())
     loss = 2 * batch_size * batch_size * config.embed_dim
     return 3 * (forward + loss)
