@@ -175,3 +175,21 @@ BAD_SHARD_SKIPS = {
     "decompression_bomb": 1,
     "missing_image": 1,
 }
+
+
+def train_sentencepiece(sentences: list[str], prefix: str, vocab_size: int) -> str:
+    """A SentencePiece model of `sentences` (pad id 0, unk 1, EOS 2, no BOS), written
+    as `prefix.model`; returns its path."""
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    return prefix + ".model"

@@ -12,17 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from config_util import tiny_config
+from data_util import train_sentencepiece
 from test_accumulation import assert_grads_close, micro_batch_order, sharded_grads
-from train_util import run_then_crash
+from train_util import final_state, run_then_crash
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.data import shapes
 from jaxclip.models.coca import CoCa
 from jaxclip.models.registry import get_model_config
-from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.loop import train_and_evaluate
-from jaxclip.train.state import abstract_train_state, make_optimizer
 from jaxclip.train.step import full_batch_grads, gradcache_grads
 
 torch = pytest.importorskip("torch")
@@ -223,8 +222,6 @@ LOGGED = ("loss", "contrastive_loss", "caption_loss", "token_acc", "grad_norm")
 def tiny_tokenizer(tmp_path_factory) -> str:
     """A SentencePiece model of the shapes captions' words, within tiny-coca's
     100-entry vocabulary, with pad id 0 (CoCa's)."""
-    import sentencepiece
-
     sentences = [
         shapes.caption(size, f"{colour} {shape}", position)
         for size in shapes.SIZES
@@ -233,17 +230,7 @@ def tiny_tokenizer(tmp_path_factory) -> str:
         for position in shapes.POSITIONS
     ]
     prefix = str(tmp_path_factory.mktemp("sp") / "shapes")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=prefix,
-        vocab_size=36,
-        pad_id=0,
-        unk_id=1,
-        bos_id=-1,
-        eos_id=2,
-        minloglevel=2,
-    )
-    return prefix + ".model"
+    return train_sentencepiece(sentences, prefix, vocab_size=36)
 
 
 def _run_config(tokenizer: str):
@@ -270,19 +257,6 @@ def _metrics(workdir) -> dict[int, dict]:
     return {r["step"]: {k: r[k] for k in LOGGED} for r in records if "loss" in r}
 
 
-def _final_state(config, workdir):
-    model = CoCa(get_model_config("tiny-coca"))
-    abstract, _ = abstract_train_state(
-        model, make_optimizer(config), sharding.make_mesh(config.mesh.shape), ema=True
-    )
-    checkpointer = Checkpointer(str(workdir / "checkpoints"))
-    try:
-        state, _ = checkpointer.restore(abstract)
-    finally:
-        checkpointer.close()
-    return jax.device_get(state)
-
-
 @pytest.mark.slow  # two short training runs
 def test_a_coca_run_learns_checkpoints_and_resumes_exactly(
     tiny_tokenizer, tmp_path, monkeypatch
@@ -302,8 +276,8 @@ def test_a_coca_run_learns_checkpoints_and_resumes_exactly(
     )
     train_and_evaluate(config, str(resumed))
     assert _metrics(resumed) == metrics  # bit-identical on the CPU
-    final = _final_state(config, straight)
-    jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
+    final = final_state(config, straight)
+    jax.tree.map(np.testing.assert_array_equal, final_state(config, resumed), final)
 
     # The locked image tower has no optimizer state, and its EMA is its params.
     assert set(final.opt_state[1][0].mu) == {"text", "text_decoder", "logit_scale"}

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from config_util import recipe, tiny_config
-from train_util import ADAM_ATOL, run_steps, run_then_crash
+from train_util import ADAM_ATOL, final_state, run_steps, run_then_crash
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
@@ -22,11 +22,9 @@ from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.build import abstract_variables, model_from_config
 from jaxclip.models.clip import MAX_LOGIT_SCALE
-from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.freeze import Freeze
 from jaxclip.train.loop import train_and_evaluate
 from jaxclip.train.state import (
-    abstract_train_state,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -326,21 +324,6 @@ def _lit_config(weights: str):
     )
 
 
-def _final_state(config, workdir) -> object:
-    abstract, _ = abstract_train_state(
-        model_from_config(config),
-        make_optimizer(config),
-        sharding.make_mesh(config.mesh.shape),
-        ema=True,
-    )
-    checkpointer = Checkpointer(str(workdir / "checkpoints"))
-    try:
-        state, _ = checkpointer.restore(abstract)
-    finally:
-        checkpointer.close()
-    return jax.device_get(state)
-
-
 @pytest.mark.slow  # four short training runs
 def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
     tmp_path, monkeypatch
@@ -357,7 +340,7 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
 
     straight = tmp_path / "straight"
     train_and_evaluate(config, str(straight))
-    final = _final_state(config, straight)
+    final = final_state(config, straight)
     start = weights.variables["params"]
     jax.tree.map(np.testing.assert_array_equal, final.params["visual"],
                  start["visual"])  # fmt: skip
@@ -383,7 +366,7 @@ def test_lit_from_a_runs_checkpoint_locks_the_image_tower_and_resumes_exactly(
         lambda: train_and_evaluate(config, str(resumed)), monkeypatch, LIT_STEPS // 2
     )
     train_and_evaluate(config, str(resumed))
-    jax.tree.map(np.testing.assert_array_equal, _final_state(config, resumed), final)
+    jax.tree.map(np.testing.assert_array_equal, final_state(config, resumed), final)
 
     # Resuming with other locking is refused: the optimizer state would not fit.
     config.train.freeze = ("visual/transformer/.*",)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from data_util import train_sentencepiece
 
 from jaxclip.data import tokenizer
 from jaxclip.data.tokenizer import EOT_TOKEN, PAD_TOKEN, SOT_TOKEN
@@ -227,8 +228,6 @@ def test_public_tokenize_like_open_clip():
 
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory) -> str:
-    import sentencepiece
-
     sentences = [
         f"a {size} {colour} {shape} on a {place}"
         for size in ("small", "big", "tiny")
@@ -237,17 +236,7 @@ def sentencepiece_model(tmp_path_factory) -> str:
         for place in ("table", "street", "beach")
     ]
     prefix = str(tmp_path_factory.mktemp("sp") / "tiny")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=prefix,
-        vocab_size=30,
-        pad_id=0,
-        unk_id=1,
-        bos_id=-1,
-        eos_id=2,
-        minloglevel=2,
-    )
-    return prefix + ".model"
+    return train_sentencepiece(sentences, prefix, vocab_size=30)
 
 
 def test_sentencepiece_rows(sentencepiece_model):

@@ -13,7 +13,9 @@ import numpy as np
 from jaxclip import sharding
 from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.models.build import model_from_config
+from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.state import (
+    abstract_train_state,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -112,3 +114,20 @@ def assert_same_run(got, want, metric_names):
         got_state.params,
         want_state.params,
     )
+
+
+def final_state(config, workdir, model=None):
+    """The train state (with its EMA) of a run's last checkpoint in `workdir`, on the
+    host; `model` defaults to the config's."""
+    abstract, _ = abstract_train_state(
+        model or model_from_config(config),
+        make_optimizer(config),
+        sharding.make_mesh(config.mesh.shape),
+        ema=True,
+    )
+    checkpointer = Checkpointer(str(workdir / "checkpoints"))
+    try:
+        state, _ = checkpointer.restore(abstract)
+    finally:
+        checkpointer.close()
+    return jax.device_get(state)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -287,6 +287,19 @@ def _sample(
     return jax.lax.while_loop(unfinished, next_token, carry)[1]
 
 
+class _Beams(NamedTuple):
+    """Beam search's loop state: k beams per image, rows `image * k + beam`."""
+
+    position: jax.Array  # int32: the position the next tokens go to
+    buffer: jax.Array  # int32 [batch * k, max_len]: the live beams' tokens
+    logits: jax.Array  # [batch * k, vocab]: after each live beam's last token
+    cache: Any  # the live beams' keys and values
+    scores: jax.Array  # float32 [batch, k]: their summed log probabilities
+    finished: jax.Array  # int32 [batch, k, max_len]: the finished captions
+    finished_scores: jax.Array  # float32 [batch, k]: theirs, normalised (-inf: none)
+    done: jax.Array  # bool [batch]: the image's finished captions are final
+
+
 def _beam_search(
     cached: CoCa, variables: dict, image_tokens: jax.Array, decoding: Decoding
 ) -> jax.Array:
@@ -303,85 +316,71 @@ def _beam_search(
     beams, max_len = decoding.num_beams, decoding.max_len
     buffer, logits, cache = _start(cached, variables, image_tokens, decoding)
     batch, vocab = logits.shape
-    # k rows per image, beam-major within it; only beam 0 is live at first.
-    buffer = jnp.repeat(buffer, beams, axis=0)
-    logits = jnp.repeat(logits, beams, axis=0)
-    cache = jax.tree.map(functools.partial(jnp.repeat, repeats=beams, axis=1), cache)
-    scores = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
-    scores = jnp.broadcast_to(scores, (batch, beams))
-    finished = jnp.full((batch, beams, max_len), decoding.pad_id, jnp.int32)
-    finished_scores = jnp.full((batch, beams), -jnp.inf)
-    done = jnp.zeros(batch, bool)
     first_row = jnp.arange(batch)[:, None] * beams
     in_first_k = jnp.arange(2 * beams) < beams
+    # k rows per image; only beam 0 is live at first.
+    start = _Beams(
+        position=jnp.int32(1),
+        buffer=jnp.repeat(buffer, beams, axis=0),
+        logits=jnp.repeat(logits, beams, axis=0),
+        cache=jax.tree.map(functools.partial(jnp.repeat, repeats=beams, axis=1), cache),
+        scores=jnp.broadcast_to(
+            jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf), (batch, beams)
+        ),
+        finished=jnp.full((batch, beams, max_len), decoding.pad_id, jnp.int32),
+        finished_scores=jnp.full((batch, beams), -jnp.inf),
+        done=jnp.zeros(batch, bool),
+    )
 
-    def unfinished(carry) -> jax.Array:
-        position, done = carry[0], carry[-1]
-        return (position < max_len) & ~jnp.all(done)
+    def unfinished(state: _Beams) -> jax.Array:
+        return (state.position < max_len) & ~jnp.all(state.done)
 
-    def extend(carry):
-        position, buffer, logits, cache, scores, finished, finished_scores, done = carry
+    def extend(state: _Beams) -> _Beams:
+        position = state.position
         # Normalised before the end token is refused, as Hugging Face's `generate`.
-        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        logprobs = jax.nn.log_softmax(state.logits.astype(jnp.float32))
         logprobs = _allowed_logits(logprobs, position, decoding, end_last=False)
-        candidates = scores[..., None] + logprobs.reshape(batch, beams, vocab)
+        candidates = state.scores[..., None] + logprobs.reshape(batch, beams, vocab)
         top, index = jax.lax.top_k(candidates.reshape(batch, -1), 2 * beams)
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         ids = jnp.take_along_axis(
-            buffer.reshape(batch, beams, max_len), parent[..., None], axis=1
+            state.buffer.reshape(batch, beams, max_len), parent[..., None], axis=1
         )
         ids = jnp.where(jnp.arange(max_len) == position, token[..., None], ids)
         ends = token == decoding.eot_id
         # Finished captions: the k best of those kept and those ending now, scored
         # over their length (start and end tokens included).
         length = (position + 1).astype(jnp.float32) ** decoding.length_penalty
-        joins = ends & in_first_k & ~done[:, None]
+        joins = ends & in_first_k & ~state.done[:, None]
         pooled = jnp.concatenate(
-            [finished_scores, jnp.where(joins, top / length, -jnp.inf)], axis=1
+            [state.finished_scores, jnp.where(joins, top / length, -jnp.inf)], axis=1
         )
         finished_scores, keep = jax.lax.top_k(pooled, beams)
         finished = jnp.take_along_axis(
-            jnp.concatenate([finished, ids], axis=1), keep[..., None], axis=1
+            jnp.concatenate([state.finished, ids], axis=1), keep[..., None], axis=1
         )
         worst = finished_scores[:, -1]
-        done = done | (jnp.isfinite(worst) & (worst >= top[:, 0] / length))
+        done = state.done | (jnp.isfinite(worst) & (worst >= top[:, 0] / length))
         # Live beams: the k best extensions that do not end.
         scores, keep = jax.lax.top_k(jnp.where(ends, -jnp.inf, top), beams)
         buffer = jnp.take_along_axis(ids, keep[..., None], axis=1)
         buffer = buffer.reshape(batch * beams, max_len)
         rows = (first_row + jnp.take_along_axis(parent, keep, axis=1)).reshape(-1)
-        cache = _reorder_rows(cache, rows)
+        cache = _reorder_rows(state.cache, rows)
         logits, cache = _step(cached, variables, cache, buffer, position)
-        return (
-            position + 1,
-            buffer,
-            logits,
-            cache,
-            scores,
-            finished,
-            finished_scores,
-            done,
+        return _Beams(
+            position + 1, buffer, logits, cache, scores, finished, finished_scores, done
         )
 
-    carry = (
-        jnp.int32(1),
-        buffer,
-        logits,
-        cache,
-        scores,
-        finished,
-        finished_scores,
-        done,
-    )
-    carry = jax.lax.while_loop(unfinished, extend, carry)
-    buffer, scores, finished, finished_scores, done = carry[1], *carry[4:]
+    end = jax.lax.while_loop(unfinished, extend, start)
     # Images not done when the tokens ran out: their live beams are candidates too.
-    live_scores = scores / jnp.float32(max_len) ** decoding.length_penalty
+    live_scores = end.scores / jnp.float32(max_len) ** decoding.length_penalty
     pooled = jnp.concatenate(
-        [finished_scores, jnp.where(done[:, None], -jnp.inf, live_scores)], axis=1
+        [end.finished_scores, jnp.where(end.done[:, None], -jnp.inf, live_scores)],
+        axis=1,
     )
     best = jnp.argmax(pooled, axis=1)
     candidates = jnp.concatenate(
-        [finished, buffer.reshape(batch, beams, max_len)], axis=1
+        [end.finished, end.buffer.reshape(batch, beams, max_len)], axis=1
     )
     return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0]
