@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxclip.data.tokenizer import PAD_TOKEN
 from jaxclip.ring import PRECISION, Ring, better, matmul32
 
 
@@ -261,7 +262,8 @@ def contrastive_accuracy(
 # which builds the logits' gradient in one fused pass in their own dtype. Plain
 # autodiff of log_softmax would keep float32 `[B, L, vocab]` residuals instead.
 
-PAD_ID = 0  # OpenCLIP's CoCa pad id: labels equal to it are ignored
+# OpenCLIP's CoCa pad id, the tokenizers' padding: labels equal to it are ignored
+PAD_ID = PAD_TOKEN
 
 
 def _label_mask(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -194,6 +194,21 @@ def embedding_of(encoded: jax.Array | tuple[jax.Array, jax.Array]) -> jax.Array:
     return encoded[0] if isinstance(encoded, tuple) else encoded
 
 
+def model_pixels(
+    images: jax.Array,
+    pixels: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: Any,
+) -> jax.Array:
+    """The model's input, in `dtype`, from images `[n, S, S, 3]` of the kind `pixels`
+    (see `Encoders`): uint8, float in [0, 1] ("unit"), or already "normalized"."""
+    if pixels == "normalized":
+        return images.astype(dtype)
+    scale = 255.0 if pixels == "uint8" else 1.0
+    return normalize_images(images, tuple(mean), tuple(std), dtype, scale)
+
+
 def make_encoders(
     model: CLIP | CoCa, mean: Sequence[float], std: Sequence[float]
 ) -> Encoders:
@@ -202,11 +217,7 @@ def make_encoders(
 
     @functools.partial(jax.jit, static_argnames=("normalize", "pixels"))
     def encode_images(variables, images, normalize=True, pixels="uint8"):
-        if pixels == "normalized":
-            images = images.astype(model.dtype)
-        else:
-            scale = 255.0 if pixels == "uint8" else 1.0
-            images = normalize_images(images, mean, std, model.dtype, scale)
+        images = model_pixels(images, pixels, mean, std, model.dtype)
         embeddings = model.apply(
             variables, images, normalize=normalize, method=model.encode_image
         )

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxclip.data.tokenizer import PAD_TOKEN
 from jaxclip.models.clip import (
     CLIP_INIT_LOGIT_SCALE,
     l2_normalize,
@@ -47,7 +48,7 @@ from jaxclip.models.registry import ModelConfig
 from jaxclip.models.text import TextTransformer
 from jaxclip.models.vit import VisionTransformer
 
-PAD_ID = 0  # OpenCLIP's CoCa pad_id: the text tower masks these keys
+PAD_ID = PAD_TOKEN  # OpenCLIP's CoCa pad_id: the text tower masks these keys
 
 
 class PoolerAttention(nn.Module):

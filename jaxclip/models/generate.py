@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxclip.data.tokenizer import EOT_TOKEN, SOT_TOKEN, default_tokenizer
-from jaxclip.data.transforms import normalize_images
+from jaxclip.models.build import model_pixels
 from jaxclip.models.coca import PAD_ID, CoCa
 
 METHODS = ("greedy", "beam", "sample")
@@ -135,11 +135,7 @@ def make_generator(
 
     @functools.partial(jax.jit, static_argnames="pixels")
     def generate_from_pixels(variables, images, key=None, pixels="uint8"):
-        if pixels == "normalized":
-            normalized = images.astype(model.dtype)
-        else:
-            scale = 255.0 if pixels == "uint8" else 1.0
-            normalized = normalize_images(images, mean, std, model.dtype, scale)
+        normalized = model_pixels(images, pixels, mean, std, model.dtype)
         return generate(model, variables, normalized, key=key, **options)
 
     return generate_from_pixels
