@@ -29,7 +29,7 @@ from jaxclip.convert.files import Weights, load_weights
 from jaxclip.convert.siglip import SIGLIP_MEAN, SIGLIP_STD, is_siglip
 from jaxclip.data.tokenizer import TokenizerSpec, tokenize
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
-from jaxclip.evaluate.zeroshot import zero_shot_classifier
+from jaxclip.evaluate.zeroshot import class_embeddings, prompt_texts
 from jaxclip.models.build import Encoders, init_variables, make_encoders
 from jaxclip.models.build import create_model as create_clip
 from jaxclip.models.clip import CLIP
@@ -78,8 +78,9 @@ CLIP_TOKENIZER = TokenizerSpec()  # OpenAI's BPE
 
 
 class Tokenizer:
-    """Texts -> int32 token ids [n, context_length]: OpenAI's CLIP BPE by default, or
-    the tokenizer `spec` names (a SentencePiece file, a model directory's own).
+    """Texts -> int32 token ids [n, context_length]: OpenAI's CLIP BPE by default
+    (with `spec.vocab_size` ids), or the tokenizer `spec` names (a SentencePiece file,
+    a model directory's own).
 
     `spec=None` is a model without a known tokenizer (a SigLIP architecture created
     by name): calling it raises, rather than feed the model another vocabulary's ids.
@@ -101,7 +102,7 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         if self.spec.kind == "clip":
-            return tokenize(texts, self.context_length)
+            return tokenize(texts, self.context_length, self.spec.vocab_size)
         return self.spec(list(texts), self.context_length)
 
     def __repr__(self) -> str:
@@ -140,6 +141,8 @@ class InferenceModel:
         )
         # OpenCLIP's form: normalised float32 [3, S, S] (encode with normalized=True).
         self.openclip_preprocess = OpenCLIPPreprocess(self.preprocess, mean, std)
+        if tokenizer is not None:  # the CLIP BPE sized to the text tower
+            tokenizer = tokenizer.for_vocabulary(config.text.vocab_size)
         self.tokenizer = Tokenizer(config.text.context_length, tokenizer)
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
@@ -303,12 +306,11 @@ class InferenceModel:
         templates: Sequence[str] = DEFAULT_TEMPLATES,
     ) -> np.ndarray:
         """Class embeddings float32 [num_classes, embed_dim]: per class, the unit-norm
-        mean of its prompts' embeddings (each template filled with the class name)."""
-        classifier = zero_shot_classifier(
-            lambda tokens: self.encode_text(variables, tokens),
-            list(classnames),
-            list(templates),
-            self.context_length,
+        mean of its prompts' embeddings (each template filled with the class name),
+        the prompts tokenized with the model's own tokenizer."""
+        prompts = prompt_texts(list(classnames), list(templates))
+        classifier = class_embeddings(
+            self.encode_text(variables, prompts), len(classnames)
         )
         return np.asarray(classifier, np.float32)
 

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from config_util import tiny_config
-from train_util import assert_same_run, run_steps
+from train_util import assert_same_run, model_batches, run_steps
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
-from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models import CLIP
 from jaxclip.models.registry import get_model_config
@@ -21,8 +20,7 @@ BATCH = 32  # 4 per device on 8 devices, so k = 1, 2, 4 all divide it
 
 
 def batch_and_params(config, model):
-    size = model.config.vision.image_size
-    data = shapes_iterator(0, BATCH, size, model.config.text.context_length)
+    data = model_batches(model, 0, BATCH)
     batch = next(data)
     images = normalize_images(
         jnp.asarray(batch["images"]), config.data.mean, config.data.std, jnp.float32

@@ -20,6 +20,7 @@ from convert_util import (
 import jaxclip
 from jaxclip.convert import hf, load_weights, openclip, save_hf
 from jaxclip.convert.files import Weights
+from jaxclip.data.tokenizer import VOCAB_SIZE
 from jaxclip.data.transforms import OPENAI_MEAN, OPENAI_STD
 from jaxclip.models.build import abstract_variables, create_model
 
@@ -69,11 +70,14 @@ def random_hf_model(config_kwargs: dict, seed: int = 0):
     return model
 
 
-def inputs(image_size: int, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random uint8 images [3, S, S, 3] and tokenised captions [3, L]."""
+def inputs(
+    image_size: int, context_length: int, vocab_size: int = VOCAB_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random uint8 images [3, S, S, 3] and tokenised captions [3, L] (the CLIP BPE
+    with `vocab_size` ids)."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (len(CAPTIONS), image_size, image_size, 3), np.uint8)
-    return images, jaxclip.tokenize(CAPTIONS, context_length)
+    return images, jaxclip.tokenize(CAPTIONS, context_length, vocab_size)
 
 
 def hf_outputs(model, images: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,7 +160,8 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path):
     hf_model, info = clip.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     hf_model.eval()
-    images, tokens = inputs(32, 16)
+    # tiny-vit's 4,096-id BPE: HF pools at its end token, 4095 in config.json.
+    images, tokens = inputs(32, 16, model.config.text.vocab_size)
     assert_parity(
         hf_outputs(hf_model, images, tokens),
         jaxclip_outputs(model, jaxclip_variables, images, tokens),
@@ -168,18 +173,25 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path):
     assert_trees_equal(jaxclip_variables, loaded.variables)
 
 
-def test_exported_tokenizer_files_give_jaxclip_ids(tmp_path):
+@pytest.mark.parametrize("vocab_size", [VOCAB_SIZE, 4096, 600])
+def test_exported_tokenizer_files_give_jaxclip_ids(tmp_path, vocab_size):
+    """HF's CLIPTokenizer, reading the exported vocab.json and merges.txt, gives our
+    ids: OpenAI's, and those of a smaller BPE (its first merges, the start and end
+    tokens last)."""
     transformers_clip()
     from transformers import CLIPTokenizer
 
-    hf.write_tokenizer_files(str(tmp_path), 77)
+    hf.write_tokenizer_files(str(tmp_path), 77, vocab_size)
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == vocab_size
     texts = [*CAPTIONS, "Hello, World! It's 3:45pm.", "naïve café über straße"]
-    expected = jaxclip.tokenize(texts)
+    expected = jaxclip.tokenize(texts, vocab_size=vocab_size)
+    assert expected.max() == vocab_size - 1
     for row, text in zip(expected, texts):
         ids = tokenizer(text)["input_ids"]
         np.testing.assert_array_equal(ids, row[: len(ids)])
-        assert ids[-1] == 49407 and not row[len(ids) :].any()
+        assert ids[0] == vocab_size - 2 and ids[-1] == vocab_size - 1
+        assert not row[len(ids) :].any()
 
 
 def test_hf_export_refuses_resnets_and_siglip(tmp_path):

@@ -66,7 +66,8 @@ def openclip_outputs(model, images: np.ndarray, tokens: np.ndarray) -> dict:
 def inputs(config) -> tuple[np.ndarray, np.ndarray]:
     size = config.vision.image_size
     images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), np.uint8)
-    return images, jaxclip.tokenize(CAPTIONS[:2], config.text.context_length)
+    text = config.text
+    return images, jaxclip.tokenize(CAPTIONS[:2], text.context_length, text.vocab_size)
 
 
 def check_parity(name: str, seed: int = 0) -> dict[str, float]:

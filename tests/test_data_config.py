@@ -55,3 +55,15 @@ def test_each_real_source_validates_with_its_files(tmp_path):
 def test_bad_data_fields_are_refused_by_name(fields, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(data_config(**fields))
+
+
+def test_clip_bpe_needs_room_for_its_byte_symbols():
+    """The CLIP BPE sizes itself to a CLIP text table (tiny-vit's 4,096 ids), but a
+    table without room for its 512 byte symbols and two special tokens is refused."""
+    validate_config(data_config())
+    config = data_config()
+    config.model.name = "tiny-coca"  # 100 ids
+    with pytest.raises(
+        ConfigError, match=r"'clip' needs at least 514 ids.*'tiny-coca'"
+    ):
+        validate_config(config)

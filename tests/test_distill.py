@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from config_util import tiny_config
-from train_util import ADAM_ATOL
+from train_util import ADAM_ATOL, model_batches
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.convert import Weights, load_weights, save_openclip
-from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.build import create_model, init_variables, model_from_config
 from jaxclip.models.registry import get_model_config
@@ -44,8 +43,7 @@ def teacher_file(tmp_path_factory):
 
 
 def _batch(config, model):
-    size, length = model.config.vision.image_size, model.config.text.context_length
-    return next(shapes_iterator(3, BATCH, size, length))
+    return next(model_batches(model, 3, BATCH))
 
 
 def _log_softmax(x, axis):

@@ -20,7 +20,7 @@ from jaxclip import sharding
 from jaxclip.config import ConfigError, base_config, validate_config
 from jaxclip.convert.checkpoint import read_checkpoint
 from jaxclip.data import digits
-from jaxclip.data.tokenizer import tokenize
+from jaxclip.data.tokenizer import VOCAB_SIZE, tokenize
 from jaxclip.evaluate import evaluators
 from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
 from jaxclip.evaluate.zeroshot import prompt_texts
@@ -73,12 +73,14 @@ def test_zero_shot_metrics_on_a_constructed_case():
     assert results["t/mean_per_class_recall"] == pytest.approx((5 + 1.5) / 8)
 
 
-def _evaluator_with(entry, data, encoders, mesh, templates):
-    """An Evaluator over `data` (an in-memory set), tokenized as evaluators.read_data does."""
+def _evaluator_with(entry, data, encoders, mesh, templates, vocab_size=VOCAB_SIZE):
+    """An Evaluator over `data` (an in-memory set), tokenized as evaluators.read_data
+    does (the CLIP BPE with `vocab_size` ids, the model's)."""
     if entry.kind == "retrieval":
-        tokens = tokenize(data.captions, CONTEXT)
+        texts = data.captions
     else:
-        tokens = tokenize(prompt_texts(data.class_names, templates), CONTEXT)
+        texts = prompt_texts(data.class_names, templates)
+    tokens = tokenize(texts, CONTEXT, vocab_size)
     return evaluators.Evaluator("t", entry, encoders, mesh, data, tokens)
 
 
@@ -130,7 +132,12 @@ def test_results_are_identical_on_any_mesh(random_tiny_model):
         for kind, data in (("zeroshot", zeroshot_set), ("retrieval", retrieval_set)):
             entry = evaluators.spec(kind, "csv", path="x", batch_size=48)
             evaluator = _evaluator_with(
-                entry, data, encoders, mesh, list(digits.ZEROSHOT_TEMPLATES)
+                entry,
+                data,
+                encoders,
+                mesh,
+                list(digits.ZEROSHOT_TEMPLATES),
+                model.config.text.vocab_size,
             )
             with sharding.use_mesh(mesh):
                 got.update(evaluator.run(placed))

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from config_util import recipe
 from process_util import CACHE_VARIABLE, child_env, start_python
+from train_util import model_batches
 
 from jaxclip import sharding
-from jaxclip.data.pipeline import DataIterator, shapes_iterator
+from jaxclip.data.pipeline import DataIterator
 from jaxclip.models.build import model_from_config as build_model
 from jaxclip.train import step as step_module
 from jaxclip.train.checkpoint import Checkpointer
@@ -264,8 +265,7 @@ def test_a_nan_batch_is_skipped_and_leaves_the_state_unchanged(monkeypatch):
     train_step = step_module.make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
-    size = model.config.vision.image_size
-    data = shapes_iterator(0, 16, size, model.config.text.context_length)
+    data = model_batches(model, 0, 16)
     with sharding.use_mesh(mesh):
         state, metrics = train_step(state, sharding.shard_batch(next(data), mesh))
         assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0

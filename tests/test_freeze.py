@@ -13,12 +13,17 @@ import numpy as np
 import optax
 import pytest
 from config_util import recipe, tiny_config
-from train_util import ADAM_ATOL, final_state, run_steps, run_then_crash
+from train_util import (
+    ADAM_ATOL,
+    final_state,
+    model_batches,
+    run_steps,
+    run_then_crash,
+)
 
 from jaxclip import losses, sharding
 from jaxclip.config import ConfigError, validate_config
 from jaxclip.convert import load_weights
-from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.data.transforms import normalize_images
 from jaxclip.models.build import abstract_variables, model_from_config
 from jaxclip.models.clip import MAX_LOGIT_SCALE
@@ -58,8 +63,7 @@ def _reference_run(model_name: str, overrides: dict):
     config = tiny_config(model_name, {"mesh.shape": (1, 1, 1)})
     model = model_from_config(config)
     tx = make_optimizer(config)  # no freeze: the whole tree
-    size, length = model.config.vision.image_size, model.config.text.context_length
-    data = shapes_iterator(config.seed, config.train.batch_size, size, length)
+    data = model_batches(model, config.seed, config.train.batch_size)
     params = _initial_params(config)  # the sharded run's start
     masks = jax.tree_util.tree_map_with_path(
         lambda path, leaf: _locked_rows(
@@ -214,8 +218,7 @@ def test_a_locked_resnet_tower_keeps_its_batchnorm_statistics():
     )
     # The first step's loss is the loss of inference-mode image embeddings (the
     # running statistics), computed here on one device.
-    size, length = model.config.vision.image_size, model.config.text.context_length
-    batch = next(shapes_iterator(config.seed, config.train.batch_size, size, length))
+    batch = next(model_batches(model, config.seed, config.train.batch_size))
     images = normalize_images(
         jnp.asarray(batch["images"]), config.data.mean, config.data.std, jnp.float32
     )

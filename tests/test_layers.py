@@ -24,7 +24,7 @@ def test_bf16_embeddings_match_float32():
     config = get_model_config("tiny-vit")
     size = config.vision.image_size
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-    tokens = example_tokens(2, config.text.context_length)
+    tokens = example_tokens(2, config.text.context_length, config.text.vocab_size)
     fp32 = CLIP(config, dtype=jnp.float32)
     bf16 = CLIP(config, dtype=jnp.bfloat16)
     variables = jax.jit(fp32.init)(jax.random.key(0), images, tokens)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxclip.data.tokenizer import special_tokens
 from jaxclip.models import CLIP, get_model_config, list_models
 from jaxclip.models.build import create_model, parameter_counts
 from jaxclip.models.layers import Transformer, quick_gelu
@@ -107,7 +108,8 @@ def test_clip_outputs(name):
     size = config.vision.image_size
     images = jax.random.normal(jax.random.key(1), (3, size, size, 3))
     tokens = jnp.zeros((3, config.text.context_length), jnp.int32)
-    tokens = tokens.at[:, 0].set(49406).at[:, 1].set(320).at[:, 2].set(49407)
+    sot, eot = special_tokens(config.text.vocab_size)
+    tokens = tokens.at[:, 0].set(sot).at[:, 1].set(320).at[:, 2].set(eot)
     variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
     out = jax.jit(model.apply)(variables, images, tokens)
     for key in ("image_emb", "text_emb"):
@@ -201,8 +203,9 @@ def test_text_pools_at_end_of_text():
     config = get_model_config("tiny-vit")
     model = CLIP(config)
     length = config.text.context_length
+    sot, eot = special_tokens(config.text.vocab_size)
     tokens = np.zeros((2, length), np.int32)
-    tokens[:, :4] = [49406, 320, 1125, 49407]
+    tokens[:, :4] = [sot, 320, 1125, eot]
     images = jnp.zeros((2, 32, 32, 3))
     variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
     encode = jax.jit(lambda t: model.apply(variables, t, method=model.encode_text))

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import scipy.stats
 from config_util import tiny_config
-from train_util import assert_same_run, example_tokens, run_steps
+from train_util import assert_same_run, example_tokens, model_batches, run_steps
 
 from jaxclip import sharding
 from jaxclip.config import ConfigError, validate_config
-from jaxclip.data.pipeline import shapes_iterator
 from jaxclip.models.build import create_model, model_from_config
 from jaxclip.models.registry import ModelConfig, TextConfig, VisionConfig
 from jaxclip.models.vit import drop_patches, keep_indices, kept_patches
@@ -105,7 +104,8 @@ def test_drop_patches_keeps_the_class_token_and_gathers_each_images_own(class_to
 
 def images_and_tokens(batch=4, size=32, length=16):
     images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
-    return images, jnp.asarray(example_tokens(batch, length))
+    # 1,000 ids fit every tiny model's text table.
+    return images, jnp.asarray(example_tokens(batch, length, vocab_size=1000))
 
 
 def image_embeddings(model, variables, images, tokens, keys=None):
@@ -222,10 +222,7 @@ def test_a_resumed_step_draws_the_same_masks():
     step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
-    size = model.config.vision.image_size
-    data = shapes_iterator(
-        config.seed, config.train.batch_size, size, model.config.text.context_length
-    )
+    data = model_batches(model, config.seed, config.train.batch_size)
     next(data)
     batch = sharding.shard_batch(next(data), mesh)
     with sharding.use_mesh(mesh):

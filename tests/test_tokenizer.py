@@ -223,6 +223,65 @@ def test_public_tokenize_like_open_clip():
     assert jaxclip.tokenize([], context_length=8).shape == (0, 8)
 
 
+# --- Smaller vocabularies (a tiny model's text table): the BPE's first merges only.
+
+
+def test_no_merges_leaves_the_byte_symbols():
+    """514 ids: the byte symbols (the last of each word with the end-of-word mark)
+    and the start and end tokens, in the byte table's order."""
+    bpe = tokenizer.SimpleTokenizer(vocab_size=tokenizer.MIN_VOCAB_SIZE)
+    order = list(tokenizer.bytes_to_unicode())  # byte values in vocabulary order
+    expected = []
+    for word in ("a", "café", "!"):
+        data = word.encode("utf-8")
+        expected += [order.index(byte) for byte in data[:-1]]
+        expected.append(256 + order.index(data[-1]))
+    assert bpe.encode("A café!") == expected
+    assert (bpe.sot_id, bpe.eot_id) == (512, 513)
+
+
+@pytest.mark.parametrize("vocab_size", [514, 1000, 4096])
+def test_smaller_vocabulary_is_the_bpe_with_fewer_merges(simple_tokenizer, vocab_size):
+    """Both paths agree; every id is below the start token; and a text whose full
+    encoding needs none of the dropped merges keeps its ids (BPE applies merges in
+    rank order, so its tokens' ranks bound every merge it used)."""
+    small = tokenizer.SimpleTokenizer(vocab_size=vocab_size)
+    fast = tokenizer.FastTokenizer(vocab_size=vocab_size)
+    sot, eot = tokenizer.special_tokens(vocab_size)
+    assert (small.sot_id, small.eot_id) == (fast.sot_id, fast.eot_id) == (sot, eot)
+    kept = 0
+    for text in CORPUS:
+        ids = small.encode(text)
+        assert fast.encode(text) == ids, repr(text)
+        if "<|" not in text:
+            assert all(0 <= i < sot for i in ids), repr(text)
+        full = simple_tokenizer.encode(text)
+        if all(i < sot for i in full):
+            assert ids == full, repr(text)
+            kept += 1
+    assert kept >= 3  # the empty texts, and short words at 1000 and 4096 ids
+    rows = tokenizer.tokenize(["a dog", "<|endoftext|>"], 8, vocab_size)
+    np.testing.assert_array_equal(rows[0, : len(small.encode("a dog")) + 2],
+                                  [sot, *small.encode("a dog"), eot])  # fmt: skip
+    np.testing.assert_array_equal(rows[1, :3], [sot, eot, eot])
+
+
+@pytest.mark.parametrize("vocab_size", [513, 49409])
+def test_vocabulary_size_out_of_range_is_refused(vocab_size):
+    with pytest.raises(ValueError, match=r"514 to 49,408 ids.*got"):
+        tokenizer.SimpleTokenizer(vocab_size=vocab_size)
+
+
+def test_spec_sizes_the_clip_bpe_to_the_text_table(tmp_path):
+    spec = tokenizer.TokenizerSpec().for_vocabulary(4096)
+    assert spec.vocab_size == 4096 and spec.build().vocab_size == 4096
+    assert spec(["a dog"], 6).max() == 4095
+    # A larger table keeps all of OpenAI's ids; another kind is the model's own.
+    assert tokenizer.TokenizerSpec().for_vocabulary(250_000).vocab_size == 49408
+    other = tokenizer.TokenizerSpec("sentencepiece", str(tmp_path / "m.model"))
+    assert other.for_vocabulary(1000) == other
+
+
 # --- SentencePiece (SigLIP-style text towers), with a model trained here.
 
 

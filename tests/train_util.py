@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxclip import sharding
 from jaxclip.data.pipeline import shapes_iterator
+from jaxclip.data.tokenizer import VOCAB_SIZE, special_tokens
 from jaxclip.models.build import model_from_config
 from jaxclip.train.checkpoint import Checkpointer
 from jaxclip.train.state import (
@@ -65,10 +66,7 @@ def _train(config, mesh, num_steps: int) -> tuple[list, list]:
     step = make_train_step(
         config, model, tx, learning_rate_schedule(config), mesh, shardings
     )
-    size = model.config.vision.image_size
-    data = shapes_iterator(
-        config.seed, config.train.batch_size, size, model.config.text.context_length
-    )
+    data = model_batches(model, config.seed, config.train.batch_size)
     states, history = [], []
     with sharding.use_mesh(mesh):
         for _ in range(num_steps):
@@ -92,12 +90,26 @@ def run_steps(config, mesh, num_steps: int):
     return states[num_steps - 1], history[:num_steps]
 
 
-def example_tokens(batch: int, length: int) -> np.ndarray:
-    """Token ids [batch, length]: one short caption (start, words, end) in every
-    row, another in row 1; zero-padded."""
+def model_batches(model, seed: int, batch_size: int):
+    """The shapes data (`data.source='shapes'`) for `model`: its image size, text
+    context and the CLIP BPE sized to its text table."""
+    config = model.config
+    return shapes_iterator(
+        seed,
+        batch_size,
+        config.vision.image_size,
+        config.text.context_length,
+        config.text.vocab_size,
+    )
+
+
+def example_tokens(batch: int, length: int, vocab_size: int = VOCAB_SIZE) -> np.ndarray:
+    """Token ids [batch, length] of the CLIP BPE with `vocab_size` ids: one short
+    caption (start, words, end) in every row, another in row 1; zero-padded."""
+    sot, eot = special_tokens(vocab_size)
     tokens = np.zeros((batch, length), np.int32)
-    tokens[:, :5] = [49406, 320, 1125, 539, 49407]
-    tokens[1, 3:6] = [2368, 1929, 49407]
+    tokens[:, :5] = [sot, 320, 1125, 539, eot]
+    tokens[1, 3:6] = [2368, 1929, eot]
     return tokens
 
 

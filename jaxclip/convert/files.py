@@ -68,6 +68,12 @@ class Weights:
     source: str = ""
     tokenizer: TokenizerSpec = TokenizerSpec()
 
+    def __post_init__(self) -> None:
+        # The CLIP BPE sized to the text tower: OpenAI's 49,408 ids, or fewer merges
+        # for a smaller table (a tiny model's).
+        sized = self.tokenizer.for_vocabulary(self.config.text.vocab_size)
+        object.__setattr__(self, "tokenizer", sized)
+
     @property
     def logit_bias(self) -> bool:
         """Whether this is a SigLIP-style model with a learned logit bias."""
@@ -451,7 +457,8 @@ def _write_tokenizer(weights: Weights, directory: str) -> list[str]:
     directory's own; a warning when there is none to write."""
     spec = weights.tokenizer
     if not siglip.is_siglip(weights.config):
-        hf.write_tokenizer_files(directory, weights.config.text.context_length)
+        text = weights.config.text
+        hf.write_tokenizer_files(directory, text.context_length, text.vocab_size)
         return [os.path.join(directory, "tokenizer_config.json")]
     source = spec.kind if os.path.isdir(spec.kind) else None
     if source is None or os.path.abspath(source) == os.path.abspath(directory):

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxclip.convert import openclip, siglip
 from jaxclip.convert.renaming import Renaming
+from jaxclip.data.tokenizer import VOCAB_SIZE, special_tokens
 from jaxclip.models.registry import ModelConfig, TextConfig, VisionConfig
 
 # Non-persistent in current transformers, saved by older versions.
@@ -193,6 +194,7 @@ def hf_config(config: ModelConfig, logit_scale: float) -> dict[str, Any]:
         return siglip.hf_config(config)
     act = "quick_gelu" if config.quick_gelu else "gelu"
     vision, text = config.vision, config.text
+    sot, eot = special_tokens(min(text.vocab_size, VOCAB_SIZE))
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -211,8 +213,9 @@ def hf_config(config: ModelConfig, logit_scale: float) -> dict[str, Any]:
             "hidden_act": act,
             "layer_norm_eps": 1e-5,
             "projection_dim": config.embed_dim,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
+            # The CLIP BPE's start and end tokens; HF pools at the end token's id.
+            "bos_token_id": sot,
+            "eos_token_id": eot,
             "pad_token_id": 1,
         },
         "vision_config": {
@@ -264,11 +267,15 @@ def preprocess_from_hf(directory: str) -> tuple[tuple, tuple] | None:
     return tuple(settings["image_mean"]), tuple(settings["image_std"])
 
 
-def write_tokenizer_files(directory: str, context_length: int) -> None:
-    """vocab.json, merges.txt and tokenizer_config.json for HF's CLIPTokenizer."""
+def write_tokenizer_files(
+    directory: str, context_length: int, vocab_size: int = VOCAB_SIZE
+) -> None:
+    """vocab.json, merges.txt and tokenizer_config.json for HF's CLIPTokenizer: the
+    CLIP BPE for a text tower of `vocab_size` embeddings (its first merges, below
+    OpenAI's 49,408 ids)."""
     from jaxclip.data.tokenizer import default_tokenizer
 
-    tokenizer = default_tokenizer()
+    tokenizer = default_tokenizer(min(vocab_size, VOCAB_SIZE))
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as file:
         json.dump(tokenizer.encoder, file, ensure_ascii=False)
     merges = sorted(tokenizer.merge_ranks, key=tokenizer.merge_ranks.get)

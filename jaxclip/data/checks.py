@@ -79,22 +79,27 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_vocabulary(config: ml_collections.ConfigDict) -> None:
     """The tokenizer's ids fit the text tower's vocabulary (a CLIP BPE id fed to
-    SigLIP's 32k embedding would silently read another row)."""
-    from jaxclip.data.tokenizer import VOCAB_SIZE, TokenizerSpec
+    SigLIP's 32k embedding would silently read another row). The 'clip' BPE sizes
+    itself to a CLIP text tower, which pools at its end token (the largest id): it
+    keeps the merges that fit (`TokenizerSpec.for_vocabulary`)."""
+    from jaxclip.data.tokenizer import MIN_VOCAB_SIZE, VOCAB_SIZE, TokenizerSpec
     from jaxclip.models.registry import get_model_config
 
     data = config.data
-    model_vocab = get_model_config(config.model.name).text.vocab_size
-    if data.tokenizer == "clip":
-        vocab = VOCAB_SIZE
-    else:
+    text = get_model_config(config.model.name).text
+    if data.tokenizer != "clip":
         vocab = TokenizerSpec(data.tokenizer, data.tokenizer_model).build().vocab_size
-    if vocab > model_vocab:
+        has = f"has {vocab:,} ids"
+    elif text.pool == "argmax":
+        vocab, has = MIN_VOCAB_SIZE, f"needs at least {MIN_VOCAB_SIZE:,} ids"
+    else:
+        vocab, has = VOCAB_SIZE, f"has {VOCAB_SIZE:,} ids"
+    if vocab > text.vocab_size:
         raise ConfigError(
-            f"data.tokenizer={data.tokenizer!r} has {vocab:,} ids, more than "
-            f"model.name={config.model.name!r}'s {model_vocab:,}-entry vocabulary: "
-            "name the model's own tokenizer (for SigLIP, a directory holding its "
-            "tokenizer files)"
+            f"data.tokenizer={data.tokenizer!r} {has}, more than "
+            f"model.name={config.model.name!r}'s {text.vocab_size:,}-entry "
+            "vocabulary: name the model's own tokenizer (for SigLIP, a directory "
+            "holding its tokenizer files)"
         )
 
 

@@ -29,7 +29,7 @@ from jaxclip.data.dataset import build_dataset
 from jaxclip.data.digits import DigitsSource
 from jaxclip.data.iterator import DataIterator, checkpoint_state, describe_skipped
 from jaxclip.data.sources import CsvSource, ShapesSource, TarShardSource, TfdsSource
-from jaxclip.data.tokenizer import TokenizerSpec
+from jaxclip.data.tokenizer import VOCAB_SIZE, TokenizerSpec
 from jaxclip.data.transforms import ImageTextTransform
 
 __all__ = [
@@ -89,8 +89,11 @@ def make_train_iterator(
     image_size: int,
     context_length: int,
     with_keys: bool = False,
+    vocab_size: int = VOCAB_SIZE,
 ) -> DataIterator:
-    """The training input pipeline named by `data.source`, for this process.
+    """The training input pipeline named by `data.source`, for this process, for a
+    model of that image size, text context and text vocabulary (`vocab_size`, which
+    sizes the 'clip' tokenizer: `TokenizerSpec.for_vocabulary`).
 
     Expects a validated config (`config.validate_config`: among others, that
     train.batch_size divides between the processes).
@@ -113,7 +116,9 @@ def make_train_iterator(
             transform=ImageTextTransform(
                 image_size, data.crop, tuple(data.crop_scale), data.max_image_pixels
             ),
-            tokenizer=TokenizerSpec(data.tokenizer, data.tokenizer_model),
+            tokenizer=TokenizerSpec(
+                data.tokenizer, data.tokenizer_model
+            ).for_vocabulary(vocab_size),
             context_length=context_length,
             process_index=process_index,
             process_count=process_count,
@@ -155,14 +160,21 @@ def _fingerprint(
 
 
 def shapes_iterator(
-    seed: int, batch_size: int, image_size: int, context_length: int
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    context_length: int,
+    vocab_size: int = VOCAB_SIZE,
 ) -> DataIterator:
     """The built-in shapes data as `data.source='shapes'` gives it, with the default
-    data settings: batch k is `shapes.draw_batch(seed, k, batch_size)`, tokenized."""
+    data settings: batch k is `shapes.draw_batch(seed, k, batch_size)`, tokenized
+    for a text tower of `vocab_size` embeddings."""
     from jaxclip.config import base_config  # the config module imports this layer
 
     config = base_config()
     config.seed = seed
     config.data.source = "shapes"
     config.train.batch_size = batch_size
-    return make_train_iterator(config, image_size, context_length)
+    return make_train_iterator(
+        config, image_size, context_length, vocab_size=vocab_size
+    )

@@ -19,6 +19,7 @@ import pathlib
 import re
 import string
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import ftfy
 import numpy as np
@@ -26,9 +27,9 @@ import regex
 
 from jaxclip.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizer, has_tokenizer_files
 
-VOCAB_SIZE = 49408
-SOT_TOKEN = 49406  # <|startoftext|>
-EOT_TOKEN = 49407  # <|endoftext|>
+VOCAB_SIZE = 49408  # OpenAI's: every merge of the file that fits (see _NUM_MERGES)
+SOT_TOKEN = 49406  # <|startoftext|>, at VOCAB_SIZE
+EOT_TOKEN = 49407  # <|endoftext|>, at VOCAB_SIZE
 PAD_TOKEN = 0
 DEFAULT_CONTEXT_LENGTH = 77
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -39,6 +40,10 @@ _END_OF_WORD = "</w>"
 # CLIP keeps only the merges that fit a 49408-entry vocabulary: 49152 minus the
 # 256 byte symbols and the two special tokens (and the file's header line).
 _NUM_MERGES = 49152 - 256 - 2
+# A smaller vocabulary keeps fewer of the first merges, as OpenAI sized theirs: the
+# 512 byte symbols (with and without the end-of-word mark) and the two special tokens
+# are always there, so the smallest has no merges at all.
+MIN_VOCAB_SIZE = 2 * 256 + len(_SPECIAL_TOKENS)
 # The word cache is a plain dict, emptied when full, so a long data pipeline
 # cannot grow it without bound.
 _MAX_CACHED_WORDS = 1 << 20
@@ -74,6 +79,21 @@ def clean_text(text: str) -> str:
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 
+def special_tokens(vocab_size: int = VOCAB_SIZE) -> tuple[int, int]:
+    """The start and end token ids of the CLIP BPE with `vocab_size` ids: its last
+    two, so the end token is the largest id (where the text tower pools)."""
+    _check_vocab_size(vocab_size)
+    return vocab_size - 2, vocab_size - 1
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if not MIN_VOCAB_SIZE <= vocab_size <= VOCAB_SIZE:
+        raise ValueError(
+            f"the CLIP BPE has {MIN_VOCAB_SIZE:,} to {VOCAB_SIZE:,} ids (its byte "
+            f"symbols and special tokens, then its first merges); got {vocab_size:,}"
+        )
+
+
 def _read_merges(path: str | os.PathLike | None) -> list[tuple[str, ...]]:
     """Read the gzipped merges file, refusing it unless its sha256 matches."""
     if path is None:
@@ -97,10 +117,18 @@ def _read_merges(path: str | os.PathLike | None) -> list[tuple[str, ...]]:
 
 
 class SimpleTokenizer:
-    """CLIP's byte-level BPE tokenizer; encode() adds no special tokens."""
+    """CLIP's byte-level BPE tokenizer; encode() adds no special tokens.
 
-    def __init__(self, merges_path: str | os.PathLike | None = None) -> None:
-        merges = _read_merges(merges_path)
+    `vocab_size` below OpenAI's 49,408 keeps the first `vocab_size - 514` merges:
+    still exactly BPE, with the same ids for the tokens it keeps, and the start and
+    end tokens moved to the last two ids (`special_tokens`).
+    """
+
+    def __init__(
+        self, merges_path: str | os.PathLike | None = None, vocab_size: int = VOCAB_SIZE
+    ) -> None:
+        _check_vocab_size(vocab_size)
+        merges = _read_merges(merges_path)[: vocab_size - MIN_VOCAB_SIZE]
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
         symbols = list(self.byte_encoder.values())
@@ -110,10 +138,12 @@ class SimpleTokenizer:
             *("".join(merge) for merge in merges),
             *_SPECIAL_TOKENS,
         ]
-        if len(vocab) != VOCAB_SIZE:
+        if len(vocab) != vocab_size:
             raise ValueError(
-                f"BPE vocabulary has {len(vocab)} entries, expected {VOCAB_SIZE}"
+                f"BPE vocabulary has {len(vocab)} entries, expected {vocab_size}"
             )
+        self.vocab_size = vocab_size
+        self.sot_id, self.eot_id = special_tokens(vocab_size)
         self.encoder = {token: index for index, token in enumerate(vocab)}
         self.decoder = dict(enumerate(vocab))
         self.merges = merges
@@ -164,10 +194,10 @@ class SimpleTokenizer:
         return data.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ")
 
 
-@functools.lru_cache(maxsize=1)
-def default_tokenizer() -> SimpleTokenizer:
-    """The packaged reference CLIP tokenizer, built once per process."""
-    return SimpleTokenizer()
+@functools.lru_cache(maxsize=4)
+def default_tokenizer(vocab_size: int = VOCAB_SIZE) -> SimpleTokenizer:
+    """The packaged reference CLIP tokenizer, built once per process and size."""
+    return SimpleTokenizer(vocab_size=vocab_size)
 
 
 # Text that needs none of ftfy's or html's fixes: printable ASCII plus tab, newline,
@@ -196,12 +226,18 @@ class FastTokenizer:
     BPE-encoded by Hugging Face `tokenizers` (Rust), in one call per batch.
     """
 
-    def __init__(self, merges_path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, merges_path: str | os.PathLike | None = None, vocab_size: int = VOCAB_SIZE
+    ) -> None:
         from tokenizers import Tokenizer, models, pre_tokenizers
 
         reference = (
-            default_tokenizer() if merges_path is None else SimpleTokenizer(merges_path)
+            default_tokenizer(vocab_size)
+            if merges_path is None
+            else SimpleTokenizer(merges_path, vocab_size)
         )
+        self.vocab_size = reference.vocab_size
+        self.sot_id, self.eot_id = reference.sot_id, reference.eot_id
         bpe = models.BPE(
             vocab=reference.encoder,
             merges=reference.merges,
@@ -213,7 +249,10 @@ class FastTokenizer:
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(
             add_prefix_space=False, use_regex=False
         )
-        self._special = {"<|startoftext|>": (SOT_TOKEN,), "<|endoftext|>": (EOT_TOKEN,)}
+        self._special = {
+            "<|startoftext|>": (self.sot_id,),
+            "<|endoftext|>": (self.eot_id,),
+        }
         self._chunks: dict[str, tuple[int, ...]] = {}
 
     def _learn(self, chunks: set[str]) -> None:
@@ -257,7 +296,7 @@ class FastTokenizer:
         self, texts: Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH
     ) -> np.ndarray:
         """int32 [len(texts), context_length]: SOT, ids, EOT, zero padding."""
-        return _pack(self.encode_batch(texts), context_length, SOT_TOKEN, EOT_TOKEN)
+        return _pack(self.encode_batch(texts), context_length, self.sot_id, self.eot_id)
 
 
 def _clean_chunks(text: str) -> list[str]:
@@ -304,20 +343,23 @@ def _pack(
     return result
 
 
-@functools.lru_cache(maxsize=1)
-def default_fast_tokenizer() -> FastTokenizer:
-    """The packaged CLIP tokenizer (fast path), built once per process."""
-    return FastTokenizer()
+@functools.lru_cache(maxsize=4)
+def default_fast_tokenizer(vocab_size: int = VOCAB_SIZE) -> FastTokenizer:
+    """The packaged CLIP tokenizer (fast path), built once per process and size."""
+    return FastTokenizer(vocab_size=vocab_size)
 
 
 def tokenize(
-    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH
+    texts: str | Sequence[str],
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    vocab_size: int = VOCAB_SIZE,
 ) -> np.ndarray:
     """Tokenize to int32 [len(texts), context_length]: SOT, ids, EOT, zero padding.
 
     Like `open_clip.tokenize` (ids equal to OpenAI's tokenizer): a caption longer
     than the context is cut, and its last token is then forced to EOT, where CLIP
-    pools its text feature.
+    pools its text feature. A smaller `vocab_size` is the BPE with fewer merges
+    (`SimpleTokenizer`), for a text tower with that many embeddings.
     """
     if context_length < 2:
         raise ValueError(
@@ -325,7 +367,7 @@ def tokenize(
         )
     if isinstance(texts, str):
         texts = [texts]
-    return default_fast_tokenizer()(list(texts), context_length)
+    return default_fast_tokenizer(vocab_size)(list(texts), context_length)
 
 
 def canonicalize_text(text: str) -> str:
@@ -382,24 +424,41 @@ class TokenizerSpec:
     """A picklable recipe for a tokenizer, built lazily once per process (workers).
 
     `kind` is one of TOKENIZERS or the path of a Hugging Face model directory holding
-    tokenizer files; `model_file` is the 'sentencepiece' kind's model file.
+    tokenizer files; `model_file` is the 'sentencepiece' kind's model file, and
+    `vocab_size` the 'clip' kind's number of ids (`for_vocabulary` sets it).
     """
 
     kind: str = "clip"
     model_file: str = ""
+    vocab_size: int = VOCAB_SIZE
+
+    @classmethod
+    def for_model(cls, data: Any, text: Any) -> "TokenizerSpec":
+        """The tokenizer a config's `data` section names (`data.tokenizer`,
+        `data.tokenizer_model`), for the text tower `text` (a `TextConfig`)."""
+        return cls(data.tokenizer, data.tokenizer_model).for_vocabulary(text.vocab_size)
+
+    def for_vocabulary(self, vocab_size: int) -> "TokenizerSpec":
+        """This tokenizer for a text tower with `vocab_size` embeddings: the 'clip'
+        BPE keeps the merges that fit (all of OpenAI's 49,408 ids where there is
+        room), so its ids index the tower's table and its end token is the largest;
+        the other kinds are a model's own and stay as they are."""
+        if self.kind != "clip":
+            return self
+        return dataclasses.replace(self, vocab_size=min(vocab_size, VOCAB_SIZE))
 
     def build(self) -> FastTokenizer | SentencePieceTokenizer | HFTokenizer:
         """The tokenizer itself (cached per process)."""
-        return _build_tokenizer(self.kind, self.model_file)
+        return _build_tokenizer(self.kind, self.model_file, self.vocab_size)
 
     def __call__(self, texts: Sequence[str], context_length: int) -> np.ndarray:
         return self.build()(texts, context_length)
 
 
 @functools.lru_cache(maxsize=8)
-def _build_tokenizer(kind: str, model_file: str):
+def _build_tokenizer(kind: str, model_file: str, vocab_size: int):
     if kind == "clip":
-        return default_fast_tokenizer()
+        return default_fast_tokenizer(vocab_size)
     if kind == "sentencepiece":
         return SentencePieceTokenizer(model_file)
     if has_tokenizer_files(kind):

@@ -3,14 +3,12 @@ mean per-class recall."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxclip.data.tokenizer import tokenize
 
 
 def prompt_texts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -28,18 +26,6 @@ def class_embeddings(text_emb: Any, num_classes: int) -> jax.Array:
     text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
     class_emb = text_emb.mean(axis=1)
     return class_emb / jnp.linalg.norm(class_emb, axis=-1, keepdims=True)
-
-
-def zero_shot_classifier(
-    encode_texts: Callable[[np.ndarray], jax.Array],
-    classnames: Sequence[str],
-    templates: Sequence[str],
-    context_length: int,
-    tokenizer: Callable[[list[str], int], np.ndarray] = tokenize,
-) -> jax.Array:
-    """[num_classes, embed_dim]: the class embeddings of `classnames` x `templates`."""
-    tokens = tokenizer(prompt_texts(classnames, templates), context_length)
-    return class_embeddings(encode_texts(tokens), len(classnames))
 
 
 def topk_accuracy(

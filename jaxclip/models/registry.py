@@ -132,16 +132,18 @@ _BASE: dict[str, ModelConfig] = {
         VisionConfig(224, 32, 1280, patch_size=14, head_width=80),
         TextConfig(width=1024, heads=16, layers=24),
     ),
-    # Tiny sizes for tests and the demo; not OpenCLIP names.
+    # Tiny sizes for tests and the demo; not OpenCLIP names. The tiny models' text
+    # tables hold the CLIP BPE's first 3,582 merges (4,096 ids, every shapes caption
+    # within their 16 tokens): OpenAI's 49,408 rows would be most of their weights.
     "tiny-vit": ModelConfig(
         64,
         VisionConfig(32, 2, 128, patch_size=8),
-        TextConfig(context_length=16, width=128, heads=2, layers=2),
+        TextConfig(context_length=16, vocab_size=4096, width=128, heads=2, layers=2),
     ),
     "tiny-rn": ModelConfig(
         64,
         VisionConfig(64, (1, 1, 1, 1), 16, head_width=64),
-        TextConfig(context_length=16, width=128, heads=2, layers=2),
+        TextConfig(context_length=16, vocab_size=4096, width=128, heads=2, layers=2),
     ),
     "demo-vit": ModelConfig(
         128,

@@ -182,6 +182,7 @@ class Trainer:
                 config,
                 model.config.vision.image_size,
                 model.config.text.context_length,
+                vocab_size=model.config.text.vocab_size,
             ),
             mesh,
             config.train.prefetch,
@@ -415,6 +416,6 @@ def evaluators_for(
         config.data.mean,
         config.data.std,
         mesh,
-        TokenizerSpec(config.data.tokenizer, config.data.tokenizer_model),
+        TokenizerSpec.for_model(config.data, model.config.text),
         config.seed,
     )
