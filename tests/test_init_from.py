@@ -195,14 +195,11 @@ def test_other_shapes_are_refused_with_every_difference(
         _start(config, tmp_path)
     message = str(error.value)
     assert init_from in message and "model.name='demo-vit'" in message
-    # tiny-vit: 2 image and text layers, 16 tokens, 4,096 token ids, embedding 64;
-    # demo-vit: 4, 24, 49,408, 128.
+    # tiny-vit: 2 image and text layers, 16 tokens, embedding 64; demo-vit: 4, 24, 128.
     if source == "checkpoint":  # compared in jaxclip's layout (layers stacked)
         listed = [
-            "28 wrong shapes",
+            "27 wrong shapes",
             "params/text/positional_embedding: file [16, 128], expected [24, 128]",
-            "params/text/token_embedding/embedding: file [4096, 128], expected "
-            "[49408, 128]",
             "params/text/text_projection: file [128, 64], expected [128, 128]",
             "params/text/transformer/resblocks/attn/in_proj_kernel: file [2, 128, 3, 2, "
             "64], expected [4, 128, 3, 2, 64]",
@@ -211,9 +208,8 @@ def test_other_shapes_are_refused_with_every_difference(
         listed = [
             "48 missing keys",
             "transformer.resblocks.2.attn.in_proj_weight",
-            "4 wrong shapes",
+            "3 wrong shapes",
             "positional_embedding: file [16, 128], expected [24, 128]",
-            "token_embedding.weight: file [4096, 128], expected [49408, 128]",
             "visual.proj: file [128, 64], expected [128, 128]",
         ]
     for line in listed:

@@ -132,9 +132,9 @@ _BASE: dict[str, ModelConfig] = {
         VisionConfig(224, 32, 1280, patch_size=14, head_width=80),
         TextConfig(width=1024, heads=16, layers=24),
     ),
-    # Tiny sizes for tests and the demo; not OpenCLIP names. The tiny models' text
-    # tables hold the CLIP BPE's first 3,582 merges (4,096 ids, every shapes caption
-    # within their 16 tokens): OpenAI's 49,408 rows would be most of their weights.
+    # Tiny sizes for tests and the demo; not OpenCLIP names. Their text tables hold
+    # the CLIP BPE's first 3,582 merges (4,096 ids; every shapes and digits caption
+    # fits in 16 tokens): OpenAI's 49,408 rows would be most of their weights.
     "tiny-vit": ModelConfig(
         64,
         VisionConfig(32, 2, 128, patch_size=8),
@@ -148,7 +148,7 @@ _BASE: dict[str, ModelConfig] = {
     "demo-vit": ModelConfig(
         128,
         VisionConfig(32, 4, 128, patch_size=8),
-        TextConfig(context_length=24, width=128, heads=2, layers=4),
+        TextConfig(context_length=24, vocab_size=4096, width=128, heads=2, layers=4),
     ),
 }
 
