@@ -116,9 +116,7 @@ def make_train_iterator(
             transform=ImageTextTransform(
                 image_size, data.crop, tuple(data.crop_scale), data.max_image_pixels
             ),
-            tokenizer=TokenizerSpec(
-                data.tokenizer, data.tokenizer_model
-            ).for_vocabulary(vocab_size),
+            tokenizer=TokenizerSpec.for_model(data, vocab_size),
             context_length=context_length,
             process_index=process_index,
             process_count=process_count,

@@ -433,10 +433,10 @@ class TokenizerSpec:
     vocab_size: int = VOCAB_SIZE
 
     @classmethod
-    def for_model(cls, data: Any, text: Any) -> "TokenizerSpec":
+    def for_model(cls, data: Any, vocab_size: int) -> "TokenizerSpec":
         """The tokenizer a config's `data` section names (`data.tokenizer`,
-        `data.tokenizer_model`), for the text tower `text` (a `TextConfig`)."""
-        return cls(data.tokenizer, data.tokenizer_model).for_vocabulary(text.vocab_size)
+        `data.tokenizer_model`), for a text tower of `vocab_size` embeddings."""
+        return cls(data.tokenizer, data.tokenizer_model).for_vocabulary(vocab_size)
 
     def for_vocabulary(self, vocab_size: int) -> "TokenizerSpec":
         """This tokenizer for a text tower with `vocab_size` embeddings: the 'clip'

@@ -66,7 +66,7 @@ def evaluate_checkpoint(config, checkpoint: str, names: list[str]) -> dict:
             # directory's), else the config's.
             weights.tokenizer
             if weights.tokenizer.kind != "clip"
-            else TokenizerSpec.for_model(config.data, weights.config.text),
+            else TokenizerSpec.for_model(config.data, weights.config.text.vocab_size),
             config.seed,
         )
         ema_variables = None

@@ -416,6 +416,6 @@ def evaluators_for(
         config.data.mean,
         config.data.std,
         mesh,
-        TokenizerSpec.for_model(config.data, model.config.text),
+        TokenizerSpec.for_model(config.data, model.config.text.vocab_size),
         config.seed,
     )
