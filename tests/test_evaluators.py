@@ -21,7 +21,7 @@ from jaxclip.config import ConfigError, base_config, validate_config
 from jaxclip.convert.checkpoint import read_checkpoint
 from jaxclip.data import digits
 from jaxclip.data.tokenizer import VOCAB_SIZE, tokenize
-from jaxclip.evaluate import evaluators
+from jaxclip.evaluate import evaluators, linear_probe
 from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
 from jaxclip.evaluate.zeroshot import prompt_texts
 from jaxclip.models.build import make_encoders
@@ -171,6 +171,23 @@ def test_evaluator_configs_are_checked():
     config.evals.a = evaluators.spec("zeroshot", "shapes", batch_size=0)
     with pytest.raises(ConfigError, match="evals.a.batch_size=0 must be a positive"):
         validate_config(config)
+    for fields, message in (
+        ({"l2_grid": ()}, r"l2_grid=\(\) must be a non-empty list"),
+        ({"l2_grid": (1.0, 0.0)}, r"l2_grid=\(1.0, 0.0\) must be .* > 0"),
+        ({"l2_grid": (float("inf"),)}, "l2_grid=.*finite"),
+        ({"refine_steps": -1}, "evals.a.refine_steps=-1 must be a non-negative"),
+    ):
+        config.evals.a = evaluators.spec("linear_probe", "shapes", **fields)
+        with pytest.raises(ConfigError, match=message):
+            validate_config(config)
+    # A probe entry saved before l2_grid and refine_steps existed: the paper's search.
+    config.evals.a = evaluators.spec("linear_probe", "shapes")
+    del config.evals.a["l2_grid"], config.evals.a["refine_steps"]
+    validate_config(config)
+    assert evaluators.probe_search(config.evals.a) == {
+        "l2_grid": linear_probe.DEFAULT_L2_GRID,
+        "refine_steps": linear_probe.DEFAULT_REFINE_STEPS,
+    }
     config.evals.a = evaluators.spec("zeroshot", "shapes")
     config.checkpoint.best_metric = "b/top1"
     with pytest.raises(ConfigError, match="best_metric='b/top1'"):
@@ -244,10 +261,14 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.multiprocess
 def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
     workdir = tmp_path / "run"
+    # One l2 for the probe, not the search (test_eval_linear_probe.py tests that):
+    # 2 fits, not 13, in each of the two runs.
     small = [
         "--config.evals.digits.num_examples=40",
         "--config.evals.digits_probe.num_examples=40",
         "--config.evals.digits_probe.train_num_examples=100",
+        "--config.evals.digits_probe.l2_grid=(0.5,)",
+        "--config.evals.digits_probe.refine_steps=0",
     ]
     train = run_module(
         "jaxclip.train",
@@ -285,6 +306,8 @@ def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
             final.update(record)
     for name in ("digits/top1", "digits/top5", "digits_probe/top1"):
         assert report["results"][name] == final[name], name
+    # The probe's search settings came along in the run's saved config.
+    assert final["digits_probe/l2"] == report["results"]["digits_probe/l2"] == 0.5
     assert f"digits/top1: {final['digits/top1']:.4f}" in evaluate.stdout
     # The added evaluator reads the same set with the same prompts.
     assert report["results"]["extra/top1"] == final["digits/top1"]

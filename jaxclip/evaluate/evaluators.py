@@ -31,8 +31,9 @@ Kinds:
 - `retrieval`: image_to_text/R@1,5,10, mean_rank, median_rank and the same for
   text_to_image, ranked sharded across the devices (retrieval.py).
 - `linear_probe`: the CLIP paper's logistic regression on frozen image features of
-  `train_split`, L2 strength chosen on a validation part of it, scored on `split`
-  (linear_probe.py, in JAX).
+  `train_split`, L2 strength chosen on a validation part of it (`l2_grid`, then
+  `refine_steps` halvings around the best), scored on `split` (linear_probe.py, in
+  JAX).
 - `captioning` (CoCa models only): bleu4, cider (CIDEr-D) and exact_match of the
   captions the model writes (jaxclip/models/generate.py, with the entry's decoding
   options `method`, `max_len`, `min_len`, `num_beams`, `length_penalty`, `top_k`,
@@ -68,8 +69,10 @@ from jaxclip.config_rules import (
     POSITIVE,
     POSITIVE_INT,
     ConfigError,
+    Rule,
     check_fields,
     int_at_least,
+    is_number,
     number,
     one_of,
 )
@@ -79,6 +82,11 @@ from jaxclip.evaluate import prompts
 from jaxclip.evaluate.caption_metrics import caption_metrics
 from jaxclip.evaluate.datasets import ArrayImages, ClassificationSet, RetrievalSet
 from jaxclip.evaluate.embed import embed_rows, map_rows
+from jaxclip.evaluate.linear_probe import (
+    DEFAULT_L2_GRID,
+    DEFAULT_REFINE_STEPS,
+    linear_probe,
+)
 from jaxclip.evaluate.retrieval import retrieval_metrics
 from jaxclip.evaluate.zeroshot import (
     class_embeddings,
@@ -130,6 +138,11 @@ _DEFAULTS = {
     "train_split": "train",
     "train_path": "",
     "train_num_examples": 0,
+    # linear_probe: the l2 strengths fit first (the paper's 1e-6, 1e-4, ..., 1e6),
+    # then this many halvings of the gap around the best; (l2,) with refine_steps=0
+    # fits that l2 alone
+    "l2_grid": DEFAULT_L2_GRID,
+    "refine_steps": DEFAULT_REFINE_STEPS,
     # captioning (CoCa): how captions are decoded (jaxclip/models/generate.py):
     # "greedy", "beam" (num_beams, length_penalty) or "sample" (top_k, top_p,
     # temperature, seed); at most max_len tokens, start and end included, and at
@@ -179,6 +192,19 @@ _CAPTIONING_RULES = {
     "temperature": POSITIVE,
     "seed": NON_NEGATIVE_INT,
 }
+# A linear probe's search for its l2 strength (a config saved before these fields
+# existed has entries without them: the paper's search).
+_PROBE_RULES = {
+    "l2_grid": Rule(
+        lambda grid: (
+            isinstance(grid, (tuple, list))
+            and len(grid) > 0
+            and all(is_number(l2) and math.isfinite(l2) and l2 > 0 for l2 in grid)
+        ),
+        "must be a non-empty list of finite numbers > 0",
+    ),
+    "refine_steps": NON_NEGATIVE_INT,
+}
 _NEEDS_PATH = ("tfds", "folder", "csv", "karpathy")
 WEIGHTS = ("params", "ema")
 
@@ -187,6 +213,14 @@ def weights_of(entry: ml_collections.ConfigDict) -> str:
     """Which weights an entry evaluates: "params" or "ema" (a config saved before the
     field existed has no `params`: the params)."""
     return entry.get("params", "params")
+
+
+def probe_search(entry: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A linear probe entry's `l2_grid` and `refine_steps`."""
+    return {
+        "l2_grid": entry.get("l2_grid", DEFAULT_L2_GRID),
+        "refine_steps": entry.get("refine_steps", DEFAULT_REFINE_STEPS),
+    }
 
 
 def spec(kind: str, dataset: str, **fields: Any) -> ml_collections.ConfigDict:
@@ -224,6 +258,8 @@ def validate(evals: ml_collections.ConfigDict) -> None:
                 f"reads one of {list(datasets)}"
             )
         _check_paths(entry, where)
+        if entry.kind == "linear_probe":
+            check_fields(probe_search(entry), _PROBE_RULES, prefix=f"{where}.")
         if entry.kind == "captioning":
             _check_decoding(entry, where)
 
@@ -488,8 +524,7 @@ class Evaluator:
         )
 
     def _linear_probe(self, variables: Variables) -> dict[str, float]:
-        from jaxclip.evaluate.linear_probe import linear_probe
-
+        search = probe_search(self.entry)
         train = _normalize(self._embed_images(variables, self.train_data))
         test = _normalize(self._embed_images(variables, self.data))
         results = linear_probe(
@@ -498,6 +533,8 @@ class Evaluator:
             test,
             self.data.labels,
             len(self.data.class_names),
+            grid=search["l2_grid"],
+            refine_steps=search["refine_steps"],
             mesh=self.mesh,
         )
         # linear_probe names its metrics 'linear_probe/...'; the entry names them here.
