@@ -126,7 +126,11 @@ def test_each_epoch_is_a_new_permutation_fixed_by_the_seed(shard_dir):
     assert first_epochs(1) != keys
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "workers",
+    # grain's 2 worker processes, started twice: each imports the pipeline afresh.
+    [0, pytest.param(2, marks=[pytest.mark.slow, pytest.mark.multiprocess])],
+)
 def test_resumed_iterator_yields_what_an_uninterrupted_one_would(shard_dir, workers):
     def fresh() -> DataIterator:
         return make_iterator(
