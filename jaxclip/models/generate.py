@@ -369,8 +369,15 @@ def _beam_search(
         )
 
     end = jax.lax.while_loop(unfinished, extend, start)
-    # Images not done when the tokens ran out: their live beams are candidates too.
-    live_scores = end.scores / jnp.float32(max_len) ** decoding.length_penalty
+    return _best_caption(end, decoding.length_penalty)
+
+
+def _best_caption(end: _Beams, length_penalty: float) -> jax.Array:
+    """Each image's best finished caption `[batch, max_len]` once the beam search
+    stops. Images not done when the tokens ran out: their live beams are candidates
+    too, scored over `max_len`."""
+    batch, beams, max_len = end.finished.shape
+    live_scores = end.scores / jnp.float32(max_len) ** length_penalty
     pooled = jnp.concatenate(
         [end.finished_scores, jnp.where(end.done[:, None], -jnp.inf, live_scores)],
         axis=1,

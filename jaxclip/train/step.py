@@ -236,43 +236,28 @@ def gradcache_grads(
     freeze: Freeze = NOTHING_LOCKED,
     teacher_out: dict[str, jax.Array] | None = None,
 ):
-    """Exact gradient accumulation over micro-batches (GradCache).
+    """Exact gradient accumulation over micro-batches (GradCache): embed every
+    micro-batch without keeping activations (1), take the full batch's loss and its
+    gradient w.r.t. the embeddings and the temperature, so the negatives are the
+    full batch's (2), then run each micro-batch again under `jax.vjp` with its slice
+    of that gradient and sum the parameter gradients (3). Peak activation memory is
+    one micro-batch's; the cost is one extra forward pass.
 
     `images` `[k, B/k, H, W, 3]` and `tokens` `[k, B/k, L]` hold the k micro-batches
-    (`sharding.shard_batch(..., accum_steps=k)` makes them), each split over the batch
-    axes: the loop takes one at a time along the leading axis, which copies nothing.
-
-    `prepare_images` turns one micro-batch's images into the model's input (the
-    train step passes its uint8 batch and normalises here, one micro-batch at a time:
-    normalised images of the whole batch would take twice its uint8 bytes in bf16).
-
-    `patch_key` draws the patch dropout masks: each image's from its row in the
-    whole batch (`micro_batch_rows`), so both passes over a micro-batch drop the same
-    patches, and the masks are those of the one-pass step.
-
-    1. Embed every micro-batch without keeping activations.
-    2. Take the loss over the full batch, and its gradient with respect to the
-       embeddings and the temperature (and bias): the negatives are the full batch's.
-    3. Re-run each micro-batch under `jax.vjp` with its slice of the embedding
-       gradient as the cotangent, and sum the parameter gradients. A CoCa model's
-       caption loss is per token and needs no full batch: each micro-batch's
-       (over the whole batch's label count) joins its vjp, cotangent
-       `loss.caption_weight`, and the k of them add up to the one-pass term.
-
-    Peak activation memory is one micro-batch's; the cost is one extra forward pass.
-    The gradients are those of `freeze.view(params)` (locked parameters get none).
-    `teacher_out` (a teacher's embeddings `[B, d]` in `_merge_micro`'s order and
-    its log scale) adds the distillation term to step 2's full-batch loss.
-    The temperature's gradient comes from step 2 only, so it is counted once. With
-    BatchNorm (ResNets) each micro-batch normalises with its own statistics, as in
-    any accumulation scheme, and the running statistics are updated k times.
-    Returns `(loss, grads, outputs, batch_stats)` like the one-pass step, with the
-    outputs' embeddings `[B, d]` in `_merge_micro`'s order.
+    (`sharding.shard_batch(..., accum_steps=k)`), each split over the batch axes.
+    `prepare_images` turns one micro-batch's images into the model's input (the train
+    step normalises its uint8 batch here, a micro-batch at a time). `patch_key` draws
+    each image's patch dropout mask from its row in the whole batch
+    (`micro_batch_rows`): both passes drop the same patches, those of the one-pass
+    step. `teacher_out` (a teacher's embeddings `[B, d]` in `_merge_micro`'s order and
+    its log scale) adds the distillation term to (2)'s loss. The gradients are those
+    of `freeze.view(params)`; the temperature's comes from (2) only, counted once.
+    BatchNorm (ResNets) normalises each micro-batch with its own statistics, and the
+    running statistics are updated k times. Returns `(loss, grads, outputs,
+    batch_stats)` like the one-pass step, embeddings `[B, d]` in `_merge_micro`'s order.
     """
     params = variables["params"]
     start_stats = variables.get("batch_stats", {})
-    locked = freeze.locked_towers(params)
-    train = trains_batch_stats(model, locked)
     coca = model.config.is_coca
     accum_steps, micro_size = images.shape[:2]
     rows = None  # no patch dropout: nothing to draw
@@ -281,24 +266,7 @@ def gradcache_grads(
     micro_batches = (images, tokens, rows)
     # The micro-batch loop unrolls wherever the model's own layers do (`use_scan`).
     unrolled = not model.scan
-    # CoCa's caption loss is per token: each micro-batch's is its token losses summed
-    # over the whole batch's count of labels, so the k of them add up to the loss.
-    num_labels = losses.count_labels(tokens) if coca else None
-
-    def forward(view, batch_stats, micro_batch):
-        micro_images, micro_tokens, micro_rows = micro_batch
-        extra = {"batch_stats": batch_stats} if batch_stats else {}
-        out, mutated = model.apply(
-            {"params": freeze.merge(view, jax.lax.stop_gradient(params)), **extra},
-            prepare_images(micro_images),
-            micro_tokens,
-            train=train,
-            patch_keys=image_keys(patch_key, micro_rows),
-            mutable=["batch_stats"],
-        )
-        out = stop_locked_towers(out, locked)
-        return out, mutated.get("batch_stats", batch_stats)
-
+    forward = _micro_batch_forward(model, params, freeze, prepare_images, patch_key)
     view = freeze.view(params)
 
     # 1. Embeddings of all micro-batches; nothing is kept for a backward pass (and
@@ -317,12 +285,74 @@ def gradcache_grads(
         )
     )
 
-    # 3. Back-propagate each micro-batch with its cached cotangent (and CoCa's
-    # caption loss, whose cotangent is its weight). The batch stats passed in only
-    # matter for their structure: training-mode BatchNorm normalises with the
-    # micro-batch's own statistics, exactly as in step 1.
+    # 3. Back-propagate each micro-batch with its cached cotangent. The batch stats
+    # passed in only matter for their structure: training-mode BatchNorm normalises
+    # with the micro-batch's own statistics, exactly as in step 1. CoCa's caption
+    # loss is per token: each micro-batch's is its token losses summed over the
+    # whole batch's count of labels, so the k of them add up to the loss.
     def micro_outputs(view, micro_batch):
-        out, _ = forward(view, start_stats, micro_batch)
+        return forward(view, start_stats, micro_batch)[0]
+
+    num_labels = losses.count_labels(tokens) if coca else None
+    grads, captions = _micro_batch_grads(
+        config, micro_outputs, view, (micro_batches, cotangents), unrolled, num_labels
+    )
+    if coca:
+        loss = loss + config.loss.caption_weight * captions["caption_loss"]
+    # The towers never touch the temperature; a locked one gets no gradient.
+    grads = {**grads, **{k: v for k, v in d_temperature.items() if k in view}}
+    out = {"image_emb": image_emb, "text_emb": text_emb, **temperature, **terms}
+    return loss, grads, {**out, **captions}, batch_stats
+
+
+def _micro_batch_forward(
+    model: nn.Module,
+    params: dict[str, Any],
+    freeze: Freeze,
+    prepare_images: Callable[[jax.Array], jax.Array],
+    patch_key: jax.Array | None,
+) -> Callable:
+    """GradCache's forward pass of one micro-batch `(images, tokens, rows)`:
+    `forward(view, batch_stats, micro_batch)` gives `(outputs, batch_stats)`, with
+    the gradients flowing to `view` (the trained part of `params`) only."""
+    locked = freeze.locked_towers(params)
+    train = trains_batch_stats(model, locked)
+
+    def forward(view, batch_stats, micro_batch):
+        micro_images, micro_tokens, micro_rows = micro_batch
+        extra = {"batch_stats": batch_stats} if batch_stats else {}
+        out, mutated = model.apply(
+            {"params": freeze.merge(view, jax.lax.stop_gradient(params)), **extra},
+            prepare_images(micro_images),
+            micro_tokens,
+            train=train,
+            patch_keys=image_keys(patch_key, micro_rows),
+            mutable=["batch_stats"],
+        )
+        out = stop_locked_towers(out, locked)
+        return out, mutated.get("batch_stats", batch_stats)
+
+    return forward
+
+
+def _micro_batch_grads(
+    config: ml_collections.ConfigDict,
+    forward: Callable,
+    view: dict[str, Any],
+    micro_batches_and_cotangents: tuple,
+    unrolled: bool,
+    num_labels: jax.Array | None,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """GradCache's step 3: each micro-batch run again under `jax.vjp`, its slice of
+    the embedding gradient as the cotangent, and the parameter gradients summed.
+    `forward(view, micro_batch)` gives the model's outputs. With `num_labels` (CoCa:
+    the whole batch's count of caption labels), each micro-batch's caption loss joins
+    its vjp with cotangent `loss.caption_weight`. Returns (grads, the summed caption
+    loss and token accuracy terms, {} without captions)."""
+    coca = num_labels is not None
+
+    def micro_outputs(view, micro_batch):
+        out = forward(view, micro_batch)
         embeddings = (out["image_emb"], out["text_emb"])
         if not coca:
             return embeddings, {}
@@ -348,20 +378,9 @@ def gradcache_grads(
     if coca:
         no_captions = {"caption_loss": jnp.float32(0), "token_acc": jnp.float32(0)}
     (grads, captions), _ = _loop(
-        backward_step, (zeros, no_captions), (micro_batches, cotangents), unrolled
+        backward_step, (zeros, no_captions), micro_batches_and_cotangents, unrolled
     )
-    if coca:
-        loss = loss + config.loss.caption_weight * captions["caption_loss"]
-    # The towers never touch the temperature; a locked one gets no gradient.
-    grads = {**grads, **{k: v for k, v in d_temperature.items() if k in view}}
-    out = {
-        "image_emb": image_emb,
-        "text_emb": text_emb,
-        **temperature,
-        **terms,
-        **captions,
-    }
-    return loss, grads, out, batch_stats
+    return grads, captions
 
 
 def _full_batch_loss_grads(
