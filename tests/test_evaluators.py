@@ -268,7 +268,6 @@ def test_digits_recipe_trains_then_evaluates_standalone(tmp_path):
         "--config.evals.digits_probe.num_examples=40",
         "--config.evals.digits_probe.train_num_examples=100",
         "--config.evals.digits_probe.l2_grid=(0.5,)",
-        "--config.evals.digits_probe.refine_steps=0",
     ]
     train = run_module(
         "jaxclip.train",

@@ -139,8 +139,8 @@ _DEFAULTS = {
     "train_path": "",
     "train_num_examples": 0,
     # linear_probe: the l2 strengths fit first (the paper's 1e-6, 1e-4, ..., 1e6),
-    # then this many halvings of the gap around the best; (l2,) with refine_steps=0
-    # fits that l2 alone
+    # then this many halvings of the gap around the best; (l2,) fits that l2 alone
+    # (one value leaves no gap to refine)
     "l2_grid": DEFAULT_L2_GRID,
     "refine_steps": DEFAULT_REFINE_STEPS,
     # captioning (CoCa): how captions are decoded (jaxclip/models/generate.py):

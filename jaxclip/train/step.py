@@ -290,12 +290,12 @@ def gradcache_grads(
     # with the micro-batch's own statistics, exactly as in step 1. CoCa's caption
     # loss is per token: each micro-batch's is its token losses summed over the
     # whole batch's count of labels, so the k of them add up to the loss.
-    def micro_outputs(view, micro_batch):
+    def outputs_of(view, micro_batch):
         return forward(view, start_stats, micro_batch)[0]
 
     num_labels = losses.count_labels(tokens) if coca else None
     grads, captions = _micro_batch_grads(
-        config, micro_outputs, view, (micro_batches, cotangents), unrolled, num_labels
+        config, outputs_of, view, (micro_batches, cotangents), unrolled, num_labels
     )
     if coca:
         loss = loss + config.loss.caption_weight * captions["caption_loss"]
